@@ -1,0 +1,60 @@
+"""What an LM engine is: something that answers a chat prompt whose user turn starts with memory.
+
+Every engine receives the same `Prompt`, so the text a model sees is identical across backends.
+The message layout is fixed: a system message, then one user message made of `intro`, the
+rendered memory and `query`, in that order, so the memory is a byte-identical prefix across
+reads of the same memory (which is what server-side prefix caches and our state snapshots key on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    system: str
+    intro: str
+    memory: Sequence[str]
+    query: str
+
+    @property
+    def memory_text(self) -> str:
+        return "".join(self.memory)
+
+    @property
+    def user(self) -> str:
+        return self.intro + self.memory_text + self.query
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One completion with its accounting. Token fields are None when the backend cannot tell."""
+
+    text: str
+    memory_tokens: int | None
+    processed: int
+    cached: int
+    generated: int
+    prefill_s: float | None = None
+    query_s: float | None = None
+    generate_s: float | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A language model that completes a `Prompt` from scratch (no state kept between calls)."""
+
+    id: str
+    context_length: int | None
+
+    def generate(self, prompt: Prompt, *, max_new_tokens: int) -> Generation: ...
+
+    def count_tokens(self, prompt: Prompt) -> int | None:
+        """Prompt length in tokens, or None when the engine cannot count locally."""
+        ...
