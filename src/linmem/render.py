@@ -29,6 +29,9 @@ from collections.abc import Iterable, Sequence
 
 from .types import Item
 
+# Bumped whenever the layout changes: state snapshots of the old layout are then rebuilt.
+LAYOUT_VERSION = 1
+
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())

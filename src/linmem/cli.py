@@ -1,0 +1,254 @@
+"""The `linmem` command line: thin adapters over the library, one function per command.
+
+With --json every command prints exactly one JSON object on stdout (errors included, as
+{"error": {"code", "message"}}); without it, output is for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import LinmemError
+from .itemfile import read_items
+from .memory import Memory, delete_memory, memories, open_memory
+from .readers import BACKENDS
+from .types import Answer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        result = args.run(args)
+    except LinmemError as e:
+        return _fail(args, e.code, str(e))
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", "interrupted")
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def _fail(args: argparse.Namespace, code: str, message: str) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False))
+    else:
+        print(f"linmem: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _quiet_libraries() -> None:
+    # transformers announces every pure-PyTorch kernel fallback; that is expected on CPU.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="linmem",
+        description="Long-term memory for LLM agents, read by a linear-attention language model.",
+    )
+    p.add_argument("--version", action="version", version=f"linmem {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", type=Path, help="memory home folder (default: $LINMEM_HOME or the user data dir)")
+    common.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help, description=help)
+        sp.set_defaults(run=run)
+        return sp
+
+    w = command("write", cmd_write, "write items from JSONL or text files into a memory (created if new)")
+    w.add_argument("name")
+    w.add_argument("files", nargs="+", metavar="FILE", help="JSONL (.jsonl) or text (one item per paragraph); - for stdin")
+    w.add_argument("--format", choices=["jsonl", "text"], help="override the format the suffix implies")
+
+    for name, run, what in (
+        ("ask", cmd_ask, "answer a question from a memory"),
+        ("rank", cmd_rank, "rank the clips of a memory by relevance to a query"),
+    ):
+        a = command(name, run, what)
+        a.add_argument("name")
+        a.add_argument("query", metavar="QUESTION" if name == "ask" else "QUERY")
+        _reader_options(a)
+        if name == "rank":
+            a.add_argument("-k", type=int, default=5, help="how many clips (default 5)")
+
+    s = command("show", cmd_show, "show a memory's items and statistics")
+    s.add_argument("name")
+    s.add_argument("--limit", type=int, default=50, help="items to list (default 50; 0 for all)")
+
+    command("list", cmd_list, "list memories")
+
+    f = command("forget", cmd_forget, "delete items from a memory, or all of them")
+    f.add_argument("name")
+    f.add_argument("ids", nargs="*", type=int, metavar="ITEM_ID")
+    f.add_argument("--all", action="store_true", help="delete every item and every cache of the memory")
+
+    d = command("delete", cmd_delete, "delete a memory entirely")
+    d.add_argument("name")
+
+    demo = command("demo", cmd_demo, "write a sample memory and answer questions with both readers")
+    demo.add_argument("--model", help="LM reader model spec (default hf:Qwen/Qwen3.5-0.8B)")
+    return p
+
+
+def _reader_options(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--backend", choices=BACKENDS, default="lm", help="reader (default lm)")
+    a.add_argument("--model", help="LM spec: hf:REPO_OR_PATH, openai:URL#MODEL, tiny:NAME (default hf:Qwen/Qwen3.5-0.8B)")
+    a.add_argument("--embedder", help="embedding spec: st:NAME_OR_PATH or openai:URL#MODEL (default all-MiniLM-L6-v2)")
+    a.add_argument("--stateless", action="store_true", help="re-read the whole memory instead of using the snapshot")
+    a.add_argument("--max-new-tokens", type=int, help="answer length limit for the LM reader (default 256)")
+    a.add_argument("--context-length", type=int, help="cap the LM reader's context (default: the model's)")
+    a.add_argument("--overflow", choices=["error", "window"], help="memory longer than the context: stop (default) or read in windows")
+    a.add_argument("--top-k", type=int, help="clips the embedding reader returns (default 3)")
+    a.add_argument("--threshold", type=float, help="minimum cosine for the embedding reader (default 0.0)")
+
+
+def _reader(args: argparse.Namespace) -> tuple[Memory, Any]:
+    memory = open_memory(args.name, home=args.home)
+    if args.backend == "embedding":
+        options = {"embedder": args.embedder, "top_k": args.top_k, "threshold": args.threshold}
+    else:
+        options = {
+            "model": args.model,
+            "stateless": args.stateless or None,
+            "max_new_tokens": args.max_new_tokens,
+            "context_length": args.context_length,
+            "overflow": args.overflow,
+        }
+    return memory, memory.reader(args.backend, **{k: v for k, v in options.items() if v is not None})
+
+
+def cmd_write(args: argparse.Namespace) -> dict[str, Any]:
+    batches = []
+    for f in args.files:
+        data = sys.stdin.buffer.read() if f == "-" else None
+        batches.append(read_items(Path("<stdin>" if f == "-" else f), args.format, data))
+    memory = open_memory(args.name, home=args.home, create=True)
+    written = memory.write([item for batch in batches for item in batch])
+    if not args.json:
+        print(f"wrote {len(written)} items to {memory.name} (ids {written[0].id}-{written[-1].id})")
+    state = memory.state()
+    return {"memory": memory.name, "written": len(written), "ids": [i.id for i in written], "items": state.count}
+
+
+def cmd_ask(args: argparse.Namespace) -> dict[str, Any]:
+    _, reader = _reader(args)
+    answer = reader.read(args.query)
+    if not args.json:
+        _print_answer(answer)
+    return answer.to_dict()
+
+
+def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
+    _, reader = _reader(args)
+    answer = reader.rank(args.query, args.k)
+    if not args.json:
+        print("clips: " + (", ".join(str(c) for c in answer.clips) or "(none)"))
+        _print_footer(answer)
+    return answer.to_dict()
+
+
+def _print_answer(answer: Answer) -> None:
+    print(answer.text)
+    print()
+    _print_footer(answer)
+
+
+def _print_footer(a: Answer) -> None:
+    t = a.tokens
+    cited = ", ".join(str(c) for c in a.clips) or "none"
+    print(f"[{a.model} | clips: {cited} | tokens: memory {t.memory}, processed {t.processed}, "
+          f"cached {t.cached}, generated {t.generated} | {a.timings.total_s:.2f} s]", file=sys.stderr)
+    for note in a.notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
+    memory = open_memory(args.name, home=args.home)
+    items = memory.items()
+    state = memory.state()
+    caches = sorted(p for p in memory.cache_dir.rglob("*") if p.is_file()) if memory.cache_dir.is_dir() else []
+    stats = {
+        "memory": memory.name,
+        "path": str(memory.path),
+        "items": state.count,
+        "clips": len({i.clip for i in items if i.clip is not None}),
+        "sources": sorted({i.source for i in items if i.source}),
+        "characters": sum(len(i.text) for i in items),
+        "log_version": state.version,
+        "epoch": state.epoch,
+        "caches": {str(p.relative_to(memory.cache_dir)): p.stat().st_size for p in caches},
+    }
+    shown = items if args.limit == 0 else items[: args.limit]
+    if not args.json:
+        for k, v in stats.items():
+            print(f"{k}: {v}")
+        print()
+        for i in shown:
+            tag = f"clip {i.clip}" if i.clip is not None else "note"
+            print(f"{i.id:>6}  {tag:<9} {i.time or '':<13} {i.text}")
+        if len(shown) < len(items):
+            print(f"... {len(items) - len(shown)} more (--limit 0 shows all)")
+    return stats | {"list": [i.to_dict() for i in shown]}
+
+
+def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
+    names = memories(args.home)
+    rows = []
+    for name in names:
+        m = open_memory(name, home=args.home)
+        rows.append({"name": name, "items": m.state().count})
+        m.close()
+    if not args.json:
+        for r in rows:
+            print(f"{r['name']}\t{r['items']} items")
+        if not rows:
+            print("no memories yet (linmem write NAME FILE, or linmem demo)")
+    return {"memories": rows}
+
+
+def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
+    memory = open_memory(args.name, home=args.home)
+    if args.all == bool(args.ids):
+        raise LinmemError("give item ids to forget, or --all (not both)")
+    if args.all:
+        removed = memory.clear()
+        import shutil
+
+        shutil.rmtree(memory.cache_dir, ignore_errors=True)
+    else:
+        removed = memory.forget(args.ids)
+    if not args.json:
+        print(f"forgot {removed} items from {memory.name}")
+    return {"memory": memory.name, "forgotten": removed, "items": memory.state().count}
+
+
+def cmd_delete(args: argparse.Namespace) -> dict[str, Any]:
+    delete_memory(args.name, home=args.home)
+    if not args.json:
+        print(f"deleted memory {args.name}")
+    return {"deleted": args.name}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from .demo import run_demo
+
+    return run_demo(home=args.home, model=args.model, echo=not args.json)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""`linmem demo`: a household robot's day written to a memory, then questions to both readers."""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .engines import DEFAULT_MODEL
+from .errors import LinmemError, ModelUnavailable
+from .itemfile import read_items
+from .memory import delete_memory, memories, open_memory
+
+SAMPLE = "robot_day.jsonl"
+QUESTIONS = (
+    "Where did Bob put his car keys?",
+    "What did Alice cook for lunch?",
+    "When does Helen's flight arrive, and who will pick her up?",
+)
+
+
+def sample_path() -> Path:
+    return Path(str(resources.files("linmem") / "data" / SAMPLE))
+
+
+def run_demo(*, home: str | Path | None = None, model: str | None = None, echo: bool = True) -> dict[str, Any]:
+    """Write the sample memory (replacing an earlier demo memory) and answer QUESTIONS."""
+    say = (lambda *a: print(*a)) if echo else (lambda *a: None)
+    if "demo" in memories(home):
+        delete_memory("demo", home=home)
+    memory = open_memory("demo", home=home, create=True)
+    items = memory.write(read_items(sample_path()))
+    say(f"Wrote {len(items)} clip captions of a household robot's day to memory 'demo' ({memory.path}).\n")
+    result: dict[str, Any] = {"memory": "demo", "items": len(items), "embedding": [], "lm": []}
+
+    say("== Embedding reader (all-MiniLM-L6-v2, exact cosine, top clips verbatim) ==")
+    for q in QUESTIONS:
+        a = memory.ask(q, backend="embedding", top_k=1)
+        result["embedding"].append(a.to_dict() | {"question": q})
+        say(f"\nQ: {q}\n{a.text}\n  [clips {list(a.clips)}, {a.timings.total_s:.2f} s]")
+
+    spec = model or DEFAULT_MODEL
+    say(f"\n== LM reader ({spec}) ==")
+    try:
+        reader = memory.reader("lm", model=spec, max_new_tokens=96)
+    except ModelUnavailable as e:
+        say(f"\nThe LM reader is not available here: {e}\n")
+        say("The embedding reader answered above. To see the LM reader's whole pipeline with a random-weights")
+        say("model (answers are noise, but prefill, snapshots and timings are real): linmem demo --model tiny:qwen3.5")
+        result["lm_error"] = str(e)
+        return result
+    for q in QUESTIONS:
+        try:
+            a = reader.read(q)
+        except LinmemError as e:
+            say(f"\nQ: {q}\n  error: {e}")
+            result["lm"].append({"question": q, "error": str(e)})
+            continue
+        result["lm"].append(a.to_dict() | {"question": q})
+        t = a.tokens
+        say(f"\nQ: {q}\nA: {a.text}")
+        say(f"  [clips {list(a.clips)} | tokens: memory {t.memory}, processed {t.processed}, cached {t.cached}"
+            f" | {a.timings.total_s:.2f} s]")
+        for note in a.notes:
+            say(f"  note: {note}")
+    if echo:
+        sys.stdout.flush()
+    return result

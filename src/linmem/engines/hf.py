@@ -1,0 +1,394 @@
+"""Local Hugging Face transformers engine: prompts to token ids, state prefill, forks and greedy decoding.
+
+The memory prompt is tokenised in pieces and the ids concatenated: the chat-template head (through
+the memory intro), then each rendered item on its own, then the tail (query and generation
+prompt). Cached and stateless reads therefore run on exactly the same ids, and the ids of a longer
+memory start with the ids of a shorter one, so a state snapshot is an exact prefix.
+
+Model caches (transformers `DynamicCache`: recurrent and conv states for linear-attention layers,
+keys and values for attention layers) are updated in place by a forward pass, so a read always
+works on a `fork` (deep copy) and never touches the snapshot it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ..errors import ContextOverflow, ModelUnavailable
+from .base import Generation, Prompt
+
+# transformers routes linear-attention kernels to fla / causal-conv1d / mamba-ssm whenever they are
+# importable, and those are GPU-only (Triton): on a CPU-only machine a forward pass then fails.
+# Hide them before transformers looks, unless a GPU is there to run them.
+_GPU_ONLY = ("fla", "causal_conv1d", "mamba_ssm")
+
+PREFILL_CHUNK = 2048
+_SENTINEL = "\ue000linmem-memory\ue000"
+
+
+def _device() -> str:
+    import torch
+
+    want = os.environ.get("LINMEM_DEVICE")
+    if want:
+        return want
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _guard_gpu_only_packages(device: str) -> None:
+    if device.startswith("cpu"):
+        for name in _GPU_ONLY:
+            if name not in sys.modules:
+                sys.modules[name] = None  # type: ignore[assignment]
+
+
+class HFEngine:
+    """A causal LM from transformers, with the operations the state cache needs.
+
+    `id` names the model for answers; `fingerprint` identifies config and weights, so a state
+    snapshot is never applied to a different model.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, id: str, fingerprint: str, label: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.id = id
+        self.label = label
+        # The tokenizer decides the ids a snapshot was built from, so it is part of the identity.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+        self.fingerprint = hashlib.sha256(f"{fingerprint}\0{vocab}".encode()).hexdigest()
+        self.context_length: int | None = _context_length(model, tokenizer)
+        self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.stop_ids = _stop_ids(model, tokenizer)
+        self._split_cache: dict[tuple[str, str, str], tuple[str, str]] = {}
+
+    # Prompt -> ids
+
+    def split(self, prompt: Prompt) -> tuple[str, str]:
+        """The chat-templated prompt cut around the memory: (head through intro, tail from query)."""
+        key = (prompt.system, prompt.intro, prompt.query)
+        if key not in self._split_cache:
+            messages = [
+                {"role": "system", "content": prompt.system},
+                {"role": "user", "content": prompt.intro + _SENTINEL + prompt.query},
+            ]
+            text = _apply_template(self.tokenizer, messages)
+            if text.count(_SENTINEL) != 1:
+                raise ModelUnavailable(f"{self.id}: its chat template does not keep the user message intact")
+            head, tail = text.split(_SENTINEL)
+            if len(self._split_cache) > 256:
+                self._split_cache.clear()
+            self._split_cache[key] = (head, tail)
+        return self._split_cache[key]
+
+    def encode(self, text: str, *, specials: bool = True) -> list[int]:
+        """Token ids of `text` without added BOS/EOS. With `specials=False`, text that looks like a
+        special token (e.g. "<|im_end|>" inside a memory item) stays plain text."""
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=not specials).input_ids)
+
+    def memory_ids(self, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
+        """(head ids, ids of each memory segment)."""
+        head, _ = self.split(prompt)
+        return self.encode(head), [self.encode(s, specials=False) for s in prompt.memory]
+
+    def tail_ids(self, prompt: Prompt) -> list[int]:
+        return self.encode(self.split(prompt)[1])
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        head, segments = self.memory_ids(prompt)
+        return head + [t for s in segments for t in s] + self.tail_ids(prompt)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return len(self.prompt_ids(prompt))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    # State operations
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def fork(self, cache: Any) -> Any:
+        return copy.deepcopy(cache)
+
+    def advance(
+        self,
+        cache: Any,
+        ids: Sequence[int],
+        *,
+        keep: int = 1,
+        chunk: int = PREFILL_CHUNK,
+        progress: Callable[[int], None] | None = None,
+    ) -> Any:
+        """Run `ids` through the model on top of `cache` (updated in place), in windows of `chunk`
+        tokens that continue the state. Returns the logits of the last `keep` positions."""
+        import torch
+
+        if not ids:
+            raise ValueError("advance() needs at least one token")
+        logits = []
+        with torch.inference_mode():
+            for start in range(0, len(ids), chunk):
+                window = ids[start : start + chunk]
+                want = min(len(window), max(0, keep - (len(ids) - start - len(window))))
+                x = torch.tensor([window], dtype=torch.long, device=self.device)
+                out = self.model(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=max(1, want))
+                if want:
+                    logits.append(out.logits[:, -want:].float())
+                if progress is not None:
+                    progress(len(window))
+        return torch.cat(logits, dim=1)[:, -keep:]
+
+    def greedy(self, cache: Any, logits: Any, max_new_tokens: int) -> list[int]:
+        """Greedy decoding from the logits of the last prompt position; stops at an end token."""
+        import torch
+
+        out: list[int] = []
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                token = int(logits[0, -1].argmax())
+                if token in self.stop_ids:
+                    break
+                out.append(token)
+                if len(out) == max_new_tokens:
+                    break
+                x = torch.tensor([[token]], dtype=torch.long, device=self.device)
+                logits = self.model(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1).logits
+        return out
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int, *, what: str = "the prompt") -> None:
+        """Refuse, never truncate, a prompt that does not fit the context."""
+        limit = self.context_length
+        if limit is not None and prompt_tokens + max_new_tokens > limit:
+            raise ContextOverflow(
+                f"{what} needs {prompt_tokens} tokens plus {max_new_tokens} to generate "
+                f"= {prompt_tokens + max_new_tokens}, but {self.id} reads at most {limit}",
+                needed=prompt_tokens + max_new_tokens,
+                limit=limit,
+            )
+
+    def generate(self, prompt: Prompt, *, max_new_tokens: int) -> Generation:
+        """Stateless reference: the whole prompt in one forward pass, then greedy decoding."""
+        head, segments = self.memory_ids(prompt)
+        memory = head + [t for s in segments for t in s]
+        ids = memory + self.tail_ids(prompt)
+        self.check_fits(len(ids), max_new_tokens)
+        cache = self.new_cache()
+        t0 = time.perf_counter()
+        logits = self.advance(cache, ids, chunk=len(ids))
+        t1 = time.perf_counter()
+        out = self.greedy(cache, logits, max_new_tokens)
+        t2 = time.perf_counter()
+        return Generation(
+            text=self.decode(out),
+            memory_tokens=len(memory),
+            processed=len(ids),
+            cached=0,
+            generated=len(out),
+            prefill_s=t1 - t0,
+            generate_s=t2 - t1,
+        )
+
+    # Snapshot (de)serialisation: plain tensors plus JSON metadata, never pickled objects.
+
+    def cache_to_tensors(self, cache: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        import torch
+
+        tensors: dict[str, Any] = {}
+        layers = []
+        for i, layer in enumerate(cache.layers):
+            attrs: dict[str, Any] = {}
+            for name, value in vars(layer).items():
+                attrs[name] = _encode(value, f"{i}.{name}", tensors, torch)
+            layers.append({"class": type(layer).__name__, "attrs": attrs})
+        return tensors, {"layers": layers}
+
+    def cache_from_tensors(self, tensors: dict[str, Any], meta: dict[str, Any]) -> Any:
+        import torch
+
+        cache = self.new_cache()
+        if len(cache.layers) != len(meta["layers"]):
+            raise ValueError("snapshot layer count does not match the model")
+        for layer, saved in zip(cache.layers, meta["layers"], strict=True):
+            if type(layer).__name__ != saved["class"]:
+                raise ValueError(f"snapshot layer {saved['class']} does not match {type(layer).__name__}")
+            for name, value in saved["attrs"].items():
+                setattr(layer, name, _decode(value, tensors, torch, self.device))
+        return cache
+
+
+def _encode(value: Any, key: str, tensors: dict[str, Any], torch: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().to("cpu").contiguous()
+        return {"tensor": key}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": True}
+    if isinstance(value, dict):
+        return {"dict": [[k, _encode(v, f"{key}.{k}", tensors, torch)] for k, v in value.items()]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return {"value": value}
+    raise TypeError(f"cannot serialise cache attribute {key} of type {type(value).__name__}")
+
+
+def _decode(value: dict[str, Any], tensors: dict[str, Any], torch: Any, device: Any) -> Any:
+    if "tensor" in value:
+        return tensors[value["tensor"]].to(device)
+    if "dtype" in value:
+        return getattr(torch, value["dtype"])
+    if "device" in value:
+        return device
+    if "dict" in value:
+        return {k: _decode(v, tensors, torch, device) for k, v in value["dict"]}
+    return value["value"]
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return str(
+                tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+                )
+            )
+        except TypeError:
+            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    # A base model without a chat template reads a plain transcript.
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+
+
+def _context_length(model: Any, tokenizer: Any) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**8 else None
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(s) for s in source)
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return ids
+
+
+# Loading
+
+
+def load_tiny(name: str) -> HFEngine:
+    from . import tiny
+
+    _guard_gpu_only_packages(_device())
+    model, tokenizer = tiny.build(name)
+    fingerprint = _fingerprint(model.config, "tiny", name, str(tiny.SEED), tiny.weights_hash(model))
+    model.to(_device())
+    return HFEngine(model, tokenizer, id=f"tiny:{name}", fingerprint=fingerprint, label="random weights")
+
+
+def load_pretrained(target: str) -> HFEngine:
+    """Load `target` (a local directory or a hub repo id) with AutoModelForCausalLM.
+
+    Prefers local files; goes to the hub only when the model is not cached and the hub answers,
+    and otherwise says exactly how to get the model instead of retrying for a minute."""
+    device = _device()
+    _guard_gpu_only_packages(device)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(target).expanduser()
+    local = path.is_dir()
+    source = str(path) if local else target
+    if local and not (path / "config.json").is_file():
+        raise ModelUnavailable(f"{path} is a directory but has no config.json: not a transformers model")
+    dtype = getattr(torch, os.environ.get("LINMEM_DTYPE") or ("float32" if device == "cpu" else "bfloat16"))
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as first:
+        if local or not _hub_reachable():
+            raise ModelUnavailable(_unavailable_message(target, first)) from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as second:
+            raise ModelUnavailable(_unavailable_message(target, second)) from None
+    model.to(device).eval()
+    files = _weight_files(Path(model.name_or_path)) if Path(model.name_or_path).is_dir() else []
+    fingerprint = _fingerprint(model.config, "hf", *files)
+    return HFEngine(model, tokenizer, id=f"hf:{target}", fingerprint=fingerprint)
+
+
+def _unavailable_message(target: str, error: Exception) -> str:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"cannot load model {target!r} offline ({reason}). "
+        f"Get it on a machine with internet access with `hf download {target}` (it lands in "
+        "~/.cache/huggingface; copy that folder here, or set HF_HOME), or point at a local copy "
+        "with --model hf:/path/to/dir, or try the pipeline with a random-weights model: "
+        "--model tiny:qwen3.5"
+    )
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "TRUE") or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _weight_files(directory: Path) -> list[str]:
+    """Name, size and a sampled content hash of each weight file: cheap to compute at load time,
+    and different whenever the weights are."""
+    out = []
+    for f in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        h = hashlib.sha256()
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
+        out.append(f"{f.name}:{size}:{h.hexdigest()}")
+    return out
+
+
+def _fingerprint(config: Any, *parts: str) -> str:
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for p in parts:
+        h.update(b"\0" + p.encode())
+    return h.hexdigest()

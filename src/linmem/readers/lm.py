@@ -1,0 +1,263 @@
+"""The seed's reader: a language model reads the whole memory plus the query and answers.
+
+With a local model the memory prefix lives in a state snapshot (see `linmem.state`): a read forks
+it and runs only the query, a write extends it by the new items only. `stateless=True` re-reads
+everything on every call (the reference the snapshot path is tested against). With an
+OpenAI-compatible endpoint the memory is a byte-identical prompt prefix, so the server's prefix
+cache plays the snapshot's part.
+
+A memory longer than the model's context is never truncated: by default the read stops with
+ContextOverflow; with `overflow="window"` the memory is read in consecutive windows that each
+answer the question, and a last call combines their answers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .. import prompts, render
+from ..engines import load_engine
+from ..engines.base import Generation, Prompt
+from ..engines.hf import HFEngine
+from ..errors import ContextOverflow, EmptyMemory, EngineError, LinmemError
+from ..state import SnapshotStore
+from ..types import Answer, Item, Timings, Tokens
+
+OVERFLOW_MODES = ("error", "window")
+
+
+class LMReader:
+    """Answers over a memory with a language model (`model` is an engine spec, see linmem.engines)."""
+
+    def __init__(
+        self,
+        memory: Any,
+        *,
+        model: str | None = None,
+        stateless: bool = False,
+        max_new_tokens: int = 256,
+        context_length: int | None = None,
+        overflow: str = "error",
+        persist: bool = True,
+    ) -> None:
+        if overflow not in OVERFLOW_MODES:
+            raise LinmemError(f"overflow must be one of {', '.join(OVERFLOW_MODES)}, found {overflow!r}")
+        self.memory = memory
+        self.engine = load_engine(model)
+        self.stateless = stateless or not isinstance(self.engine, HFEngine)
+        self.max_new_tokens = max_new_tokens
+        self.overflow = overflow
+        limit = self.engine.context_length
+        # A caller may cap the context below the model's (to bound RAM); never above it.
+        self.context_length = min(context_length, limit) if context_length and limit else context_length or limit
+        self._store: SnapshotStore | None = None
+        if isinstance(self.engine, HFEngine):
+            head, _ = self.engine.split(prompts.read_prompt([], ""))
+            self._store = SnapshotStore(
+                self.engine, memory.log, memory.cache_dir / "state", head, persist=persist
+            )
+
+    @property
+    def model_id(self) -> str:
+        return str(self.engine.id)
+
+    def on_write(self, items: Sequence[Item]) -> None:
+        """Extend the snapshot now, so the next read pays only for its query."""
+        if self._store is not None and not self.stateless and self._store._snap is not None:
+            try:
+                self._store.get(self._memory_budget(0))
+            except ContextOverflow:
+                self._store.drop()
+
+    def read(self, query: str) -> Answer:
+        t0 = time.perf_counter()
+        segments, items = self._segments()
+        gen, notes = self._complete(_Ask("read", query, 0), segments, self.max_new_tokens, items)
+        valid = {i.clip for i in items if i.clip is not None}
+        clips = tuple(c for c in render.parse_clips(gen.text) if c in valid)
+        return self._answer(gen, clips, t0, notes)
+
+    def rank(self, query: str, k: int = 5) -> Answer:
+        t0 = time.perf_counter()
+        segments, items = self._segments()
+        valid = [i.clip for i in items if i.clip is not None]
+        gen, notes = self._complete(_Ask("rank", query, k), segments, 8 * k + 16, items)
+        clips = tuple(render.parse_ranking(gen.text, valid)[:k])
+        return self._answer(gen, clips, t0, notes)
+
+    def _segments(self) -> tuple[list[str], list[Item]]:
+        items = self.memory.log.items()
+        if not items:
+            raise EmptyMemory(f"memory {self.memory.name!r} is empty: write items first (linmem write)")
+        return render.segments(items), items
+
+    def _answer(self, gen: Generation, clips: tuple[int, ...], t0: float, notes: list[str]) -> Answer:
+        if getattr(self.engine, "label", ""):
+            notes = [f"{self.engine.id} has {self.engine.label}: its answers are noise", *notes]
+        return Answer(
+            text=gen.text.strip(),
+            clips=clips,
+            model=self.model_id,
+            tokens=Tokens(gen.memory_tokens, gen.processed, gen.cached, gen.generated),
+            timings=Timings(time.perf_counter() - t0, gen.prefill_s, gen.query_s, gen.generate_s),
+            notes=tuple(notes),
+        )
+
+    def _complete(
+        self, ask: _Ask, segments: Sequence[str], max_new: int, items: list[Item]
+    ) -> tuple[Generation, list[str]]:
+        prompt = ask.prompt(segments)
+        try:
+            if self.stateless:
+                self._check_fits(prompt, max_new)
+                return self.engine.generate(prompt, max_new_tokens=max_new), []
+            return self._from_snapshot(prompt, max_new)
+        except ContextOverflow:
+            if self.overflow != "window":
+                raise
+            return self._windowed(ask, prompt, max_new, items)
+
+    def _memory_budget(self, tail_tokens: int, max_new: int | None = None) -> int | None:
+        if self.context_length is None:
+            return None
+        return self.context_length - tail_tokens - (self.max_new_tokens if max_new is None else max_new)
+
+    def _check_fits(self, prompt: Prompt, max_new: int) -> None:
+        if self.context_length is None:
+            return
+        n = self.engine.count_tokens(prompt)
+        if n is not None and n + max_new > self.context_length:
+            raise ContextOverflow(
+                f"the prompt is {n} tokens plus {max_new} to generate, but {self.model_id} reads at most "
+                f"{self.context_length}; read in windows (overflow='window') or use a longer-context model",
+                needed=n + max_new,
+                limit=self.context_length,
+            )
+
+    def _from_snapshot(self, prompt: Prompt, max_new: int) -> tuple[Generation, list[str]]:
+        engine, store = self.engine, self._store
+        assert store is not None
+        tail = engine.tail_ids(prompt)
+        budget = self._memory_budget(len(tail), max_new)
+        if budget is not None and budget < len(engine.encode(store.head)):
+            raise ContextOverflow(
+                f"the question alone is {len(tail)} tokens; with the prompt and {max_new} tokens to "
+                f"generate it does not fit {self.model_id}'s context of {self.context_length} tokens",
+                needed=len(tail) + max_new,
+                limit=self.context_length or 0,
+            )
+        snap, update = store.get(budget)
+        t1 = time.perf_counter()
+        cache = engine.fork(snap.cache)
+        logits = engine.advance(cache, tail)
+        t2 = time.perf_counter()
+        out = engine.greedy(cache, logits, max_new)
+        t3 = time.perf_counter()
+        gen = Generation(
+            text=engine.decode(out),
+            memory_tokens=snap.tokens,
+            processed=update.tokens + len(tail),
+            cached=snap.tokens - update.tokens,
+            generated=len(out),
+            prefill_s=update.seconds,
+            query_s=t2 - t1,
+            generate_s=t3 - t2,
+        )
+        return gen, [f"snapshot: {update.reason}"]
+
+    def _windowed(
+        self, ask: _Ask, prompt: Prompt, max_new: int, items: list[Item]
+    ) -> tuple[Generation, list[str]]:
+        """Read the memory in consecutive windows that fit, then combine the windows' answers."""
+        windows = self._pack_windows(prompt, max_new)
+        answers: list[tuple[str, str]] = []
+        total = Generation("", 0, 0, 0, 0, 0.0, None, 0.0)
+        for lo, hi in windows:
+            part = Prompt(prompt.system, prompt.intro, prompt.memory[lo:hi], prompt.query)
+            gen = self.engine.generate(part, max_new_tokens=max_new)
+            answers.append((_clip_label(items[lo:hi]), gen.text))
+            total = _add(total, gen)
+        if ask.kind == "rank":
+            # A ranking merges the windows' lists round-robin: each window's best first.
+            lists = [render.parse_ranking(a, [i.clip for i in items if i.clip is not None]) for _, a in answers]
+            merged = [c for row in _round_robin(lists) for c in row]
+            text = ", ".join(f"CLIP {c}" for c in dict.fromkeys(merged))
+            return _add(total, Generation(text, None, 0, 0, 0)), [f"read in {len(windows)} windows"]
+        final = self.engine.generate(prompts.combine_prompt(answers, ask.query), max_new_tokens=max_new)
+        return _add(total, final), [f"read in {len(windows)} windows"]
+
+    def _pack_windows(self, prompt: Prompt, max_new: int) -> list[tuple[int, int]]:
+        if self.context_length is None:
+            raise EngineError(f"{self.model_id}: windowed reading needs a known context length (context_length=)")
+        counts, fixed = self._segment_tokens(prompt)
+        budget = self.context_length - fixed - max_new
+        windows, lo, used = [], 0, 0
+        for i, n in enumerate(counts):
+            if n > budget:
+                raise ContextOverflow(
+                    f"memory item {i + 1} alone is {n} tokens, more than the {budget} a window can hold",
+                    needed=n,
+                    limit=budget,
+                )
+            if used + n > budget:
+                windows.append((lo, i))
+                lo, used = i, 0
+            used += n
+        windows.append((lo, len(counts)))
+        return windows
+
+    def _segment_tokens(self, prompt: Prompt) -> tuple[list[int], int]:
+        """Tokens per memory segment, and tokens of the rest of the prompt."""
+        if isinstance(self.engine, HFEngine):
+            head, segs = self.engine.memory_ids(prompt)
+            return [len(s) for s in segs], len(head) + len(self.engine.tail_ids(prompt))
+        empty = Prompt(prompt.system, prompt.intro, [], prompt.query)
+        whole, fixed = self.engine.count_tokens(prompt), self.engine.count_tokens(empty)
+        if whole is None or fixed is None:
+            raise EngineError(f"{self.model_id}: windowed reading needs token counts, and the server has no /tokenize")
+        # The server counts the whole prompt only; share its memory tokens out by characters,
+        # with a 10% margin for segments that tokenise denser than average.
+        per_char = (whole - fixed) / max(1, len(prompt.memory_text))
+        return [math.ceil(len(s) * per_char * 1.1) + 1 for s in prompt.memory], fixed
+
+
+@dataclass(frozen=True)
+class _Ask:
+    kind: str
+    query: str
+    k: int
+
+    def prompt(self, segments: Sequence[str]) -> Prompt:
+        if self.kind == "rank":
+            return prompts.rank_prompt(segments, self.query, self.k)
+        return prompts.read_prompt(segments, self.query)
+
+
+def _clip_label(items: Sequence[Item]) -> str:
+    clips = [i.clip for i in items if i.clip is not None]
+    return f"clips {min(clips)}-{max(clips)}" if clips else f"{len(items)} items"
+
+
+def _round_robin(lists: list[list[int]]) -> list[list[int]]:
+    depth = max((len(x) for x in lists), default=0)
+    return [[x[d] for x in lists if d < len(x)] for d in range(depth)]
+
+
+def _add(a: Generation, b: Generation) -> Generation:
+    def plus(x: Any, y: Any) -> Any:
+        return None if x is None and y is None else (x or 0) + (y or 0)
+
+    return Generation(
+        b.text,
+        plus(a.memory_tokens, b.memory_tokens),
+        a.processed + b.processed,
+        a.cached + b.cached,
+        a.generated + b.generated,
+        plus(a.prefill_s, b.prefill_s),
+        plus(a.query_s, b.query_s),
+        plus(a.generate_s, b.generate_s),
+    )

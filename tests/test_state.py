@@ -1,0 +1,223 @@
+"""State caching is exact: a read from a snapshot equals a stateless full re-read.
+
+Runs on tiny random models of the three architectures, with memory lengths that are not
+multiples of 64 (the chunk size of the delta-rule kernels) and fresh random text each run.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from linmem import prompts, render
+from linmem.engines import load_engine
+from linmem.memory import open_memory
+from linmem.state import SnapshotStore
+from linmem.types import Item
+
+ARCHS = ["tiny:kimi-linear", "tiny:qwen3.5", "tiny:qwen3"]
+WORDS = "mug kitchen Alice Bob cupboard red plant window keys drawer pasta laptop sofa coat door".split()
+
+
+def random_items(rng: random.Random, n: int, first_clip: int = 0) -> list[Item]:
+    return [
+        Item(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 17))) + ".",
+            clip=first_clip + i // rng.randint(1, 3),
+            time=f"{i:02d}:{rng.randint(0, 59):02d}",
+        )
+        for i in range(n)
+    ]
+
+
+def memory_with(rng: random.Random, n: int, name: str = "m"):
+    mem = open_memory(name, create=True)
+    mem.write(random_items(rng, n))
+    return mem
+
+
+def store_for(engine, mem) -> SnapshotStore:
+    head, _ = engine.split(prompts.read_prompt([], ""))
+    return SnapshotStore(engine, mem.log, mem.cache_dir / "state", head)
+
+
+def stateless_logits(engine, prompt, keep: int) -> torch.Tensor:
+    ids = engine.prompt_ids(prompt)
+    return engine.advance(engine.new_cache(), ids, keep=keep, chunk=len(ids))
+
+
+def snapshot_logits(engine, store, prompt, keep: int) -> torch.Tensor:
+    snap, _ = store.get()
+    return engine.advance(engine.fork(snap.cache), engine.tail_ids(prompt), keep=keep)
+
+
+def state_tensors(engine, cache) -> dict[str, torch.Tensor]:
+    tensors, _ = engine.cache_to_tensors(cache)
+    return {k: v.clone() for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("spec", ARCHS)
+def test_snapshot_read_equals_full_read(spec: str) -> None:
+    rng = random.Random()
+    engine = load_engine(spec)
+    mem = memory_with(rng, rng.randint(15, 40))
+    store = store_for(engine, mem)
+    prompt = prompts.read_prompt(render.segments(mem.items()), "Where are the " + rng.choice(WORDS) + "?")
+    n_tail = len(engine.tail_ids(prompt))
+    full = stateless_logits(engine, prompt, n_tail)
+    fast = snapshot_logits(engine, store, prompt, n_tail)
+    assert full.shape == fast.shape == (1, n_tail, engine.model.config.vocab_size)
+    assert (full - fast).abs().max().item() < 1e-4
+    # Greedy decoding through the reader: identical tokens and text.
+    cached = mem.ask("What did Alice do?", model=spec, max_new_tokens=24)
+    stateless = mem.ask("What did Alice do?", model=spec, max_new_tokens=24, stateless=True)
+    assert cached.text == stateless.text
+    assert cached.tokens.memory == stateless.tokens.memory
+
+
+@pytest.mark.parametrize("spec", ARCHS)
+def test_memory_lengths_not_multiple_of_64(spec: str) -> None:
+    engine = load_engine(spec)
+    rng = random.Random()
+    for _ in range(2):
+        mem = memory_with(rng, rng.randint(3, 25), name=f"m{rng.randrange(10**6)}")
+        store = store_for(engine, mem)
+        snap, _ = store.get()
+        if snap.tokens % 64 == 0:  # pad away from the chunk boundary, the case under test
+            mem.write([Item("x")])
+            snap, _ = store.get()
+        assert snap.tokens % 64 != 0
+        prompt = prompts.rank_prompt(render.segments(mem.items()), "keys", 5)
+        n = len(engine.tail_ids(prompt))
+        assert (stateless_logits(engine, prompt, n) - snapshot_logits(engine, store, prompt, n)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("spec", ["tiny:kimi-linear", "tiny:qwen3.5"])
+def test_read_never_modifies_snapshot(spec: str) -> None:
+    engine = load_engine(spec)
+    mem = memory_with(random.Random(), 21)
+    reader = mem.reader("lm", model=spec, max_new_tokens=8)
+    reader.read("first question")
+    snap = reader._store._snap
+    before = state_tensors(engine, snap.cache)
+    reader.read("a second, longer question about the red mug in the kitchen")
+    reader.rank("plants", 3)
+    after = state_tensors(engine, reader._store._snap.cache)
+    assert reader._store._snap is snap
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("spec", ARCHS)
+def test_extend_then_read_equals_full_read(spec: str) -> None:
+    rng = random.Random()
+    engine = load_engine(spec)
+    mem = memory_with(rng, 13)
+    store = store_for(engine, mem)
+    first, _ = store.get()
+    # New items continue the last clip and open new ones: the block boundary moves too.
+    last_clip = mem.items()[-1].clip
+    mem.write(random_items(rng, 9, first_clip=last_clip))
+    snap, update = store.get()
+    assert update.reason.startswith("extended by 9")
+    assert update.tokens == snap.tokens - first.tokens
+    prompt = prompts.read_prompt(render.segments(mem.items()), "What is in the drawer?")
+    n = len(engine.tail_ids(prompt))
+    assert (stateless_logits(engine, prompt, n) - snapshot_logits(engine, store, prompt, n)).abs().max() < 1e-4
+
+
+def test_write_extends_snapshot_with_new_tokens_only() -> None:
+    mem = memory_with(random.Random(), 30)
+    reader = mem.reader("lm", model="tiny:qwen3.5", max_new_tokens=4)
+    first = reader.read("q")
+    assert first.tokens.cached == 0 and first.tokens.processed > first.tokens.memory
+    mem.write([Item("Bob hides the keys under the sofa.", clip=77)])
+    second = reader.read("q")
+    added = second.tokens.memory - first.tokens.memory
+    assert added > 0
+    # The write extended the snapshot; the read ran only its query.
+    assert second.tokens.cached == second.tokens.memory
+    assert second.tokens.processed == first.tokens.processed - first.tokens.memory
+
+
+def test_snapshot_survives_process_restart(linmem_home) -> None:
+    mem = memory_with(random.Random(), 17)
+    here = mem.ask("Where is the coat?", model="tiny:kimi-linear", max_new_tokens=12)
+    script = textwrap.dedent(
+        """
+        import json, warnings
+        warnings.filterwarnings("ignore")
+        from linmem.memory import open_memory
+        a = open_memory("m").ask("Where is the coat?", model="tiny:kimi-linear", max_new_tokens=12)
+        print(json.dumps(a.to_dict()))
+        """
+    )
+    env = {"LINMEM_HOME": str(linmem_home), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    there = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert there["answer"] == here.text
+    assert "snapshot: loaded from disk" in there["notes"]
+    assert there["tokens"]["cached"] == here.tokens.memory
+    assert there["tokens"]["processed"] == here.tokens.processed - here.tokens.memory
+
+
+def test_corrupt_snapshot_is_rebuilt() -> None:
+    mem = memory_with(random.Random(), 19)
+    engine = load_engine("tiny:qwen3.5")
+    good = mem.ask("keys?", model="tiny:qwen3.5", max_new_tokens=10).text
+    path = store_for(engine, mem).path
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0xFF  # one flipped bit-pattern inside the tensor payload
+    path.write_bytes(bytes(data))
+    store = store_for(engine, mem)
+    snap, update = store.get()
+    assert "checksum" in update.reason
+    assert update.tokens == snap.tokens
+    path.write_bytes(b"garbage")
+    snap, update = store_for(engine, mem).get()
+    assert "corrupt" in update.reason
+    assert open_memory("m").ask("keys?", model="tiny:qwen3.5", max_new_tokens=10).text == good
+
+
+def test_stale_snapshot_is_rebuilt() -> None:
+    mem = memory_with(random.Random(), 12)
+    engine = load_engine("tiny:qwen3.5")
+    store_for(engine, mem).get()
+    # Deleting an item changes the log's epoch: the snapshot's prefix no longer exists.
+    mem.forget([mem.items()[3].id])
+    snap, update = store_for(engine, mem).get()
+    assert update.reason == "the log lost items since the snapshot"
+    assert snap.items == 11
+    # A snapshot made by another model is never applied, even at the same path.
+    other = load_engine("tiny:kimi-linear")
+    wrong = store_for(other, mem)
+    wrong.path = store_for(engine, mem).path
+    _, update = wrong.get()
+    assert "stale" in update.reason
+
+
+def test_unknown_spec_and_missing_model() -> None:
+    from linmem.errors import ModelUnavailable, UnknownSpec
+
+    with pytest.raises(UnknownSpec, match="tiny:NAME"):
+        load_engine("gpt:whatever")
+    with pytest.raises(UnknownSpec, match="qwen3.5"):
+        load_engine("tiny:nope")
+    with pytest.raises(ModelUnavailable, match="hf download"):
+        load_engine("hf:nobody/not-a-cached-model")
+
+
+def test_hf_directory_loads_like_tiny(tmp_path) -> None:
+    from linmem.engines import tiny
+
+    path = tiny.save("qwen3.5", tmp_path / "model")
+    mem = memory_with(random.Random(), 9)
+    from_disk = mem.ask("Where?", model=f"hf:{path}", max_new_tokens=10)
+    built = mem.ask("Where?", model="tiny:qwen3.5", max_new_tokens=10)
+    assert from_disk.text == built.text
+    assert from_disk.model == f"hf:{path}"
