@@ -158,3 +158,24 @@ def test_text_paragraphs_become_items(tmp_path) -> None:
     f = tmp_path / "notes.md"
     f.write_text("Alice likes tea.\nShe drinks it black.\n\n\nBob runs on Mondays.\n")
     assert [i.text for i in read_items(f)] == ["Alice likes tea.\nShe drinks it black.", "Bob runs on Mondays."]
+
+
+def test_rendering_new_items_from_a_cursor_equals_full_render() -> None:
+    import random
+
+    rng = random.Random()
+    items = [
+        Item(
+            f"line {i}",
+            clip=rng.choice([None, rng.randint(0, 4)]),
+            time=rng.choice([None, "00:00", f"{i:02d}:30"]),
+            source=rng.choice([None, "a", "b"]),
+        )
+        for i in range(rng.randint(20, 60))
+    ]
+    full = render.segments(items)
+    for _ in range(10):
+        cut = rng.randint(0, len(items))
+        head, cursor = render.advance(items[:cut])
+        tail, _ = render.advance(items[cut:], render.Cursor.from_dict(cursor.to_dict()))
+        assert head + tail == full

@@ -166,22 +166,74 @@ def test_snapshot_survives_process_restart(linmem_home) -> None:
     assert there["tokens"]["processed"] == here.tokens.processed - here.tokens.memory
 
 
-def test_corrupt_snapshot_is_rebuilt() -> None:
+def _flip(path, offset: int = -7) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["kv", "fixed", "header", "missing"])
+def test_corrupt_snapshot_is_rebuilt(damage: str) -> None:
     mem = memory_with(random.Random(), 19)
     engine = load_engine("tiny:qwen3.5")
     good = mem.ask("keys?", model="tiny:qwen3.5", max_new_tokens=10).text
-    path = store_for(engine, mem).path
-    data = bytearray(path.read_bytes())
-    data[-7] ^= 0xFF  # one flipped bit-pattern inside the tensor payload
-    path.write_bytes(bytes(data))
-    store = store_for(engine, mem)
-    snap, update = store.get()
-    assert "checksum" in update.reason
-    assert update.tokens == snap.tokens
-    path.write_bytes(b"garbage")
+    folder = store_for(engine, mem).path
+    if damage == "kv":
+        _flip(next(folder.glob("kv-*.safetensors")))
+    elif damage == "fixed":
+        _flip(next(folder.glob("fixed-*.safetensors")))
+    elif damage == "header":
+        (folder / "header.json").write_bytes(b"garbage")
+    else:
+        next(folder.glob("kv-*.safetensors")).unlink()
     snap, update = store_for(engine, mem).get()
     assert "corrupt" in update.reason
+    assert update.tokens == snap.tokens  # rebuilt from the log, every token
     assert open_memory("m").ask("keys?", model="tiny:qwen3.5", max_new_tokens=10).text == good
+
+
+def test_appends_write_only_new_rows_to_disk() -> None:
+    rng = random.Random()
+    mem = memory_with(rng, 25)
+    engine = load_engine("tiny:kimi-linear")
+    store = store_for(engine, mem)
+    first, _ = store.get()
+    (kv0,) = store.path.glob("kv-*.safetensors")
+    stamp = kv0.stat().st_mtime_ns
+    for _ in range(3):
+        mem.write(random_items(rng, 4, first_clip=50))
+        store.get()
+    chunks = sorted(store.path.glob("kv-*.safetensors"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(chunks) == 4 and chunks[0] == kv0 and kv0.stat().st_mtime_ns == stamp
+    # The last file holds only the last write's rows; the chunks tile [0, tokens) exactly.
+    bounds = [tuple(int(x) for x in p.stem.split("-")[1:]) for p in chunks]
+    assert bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    assert bounds[-1][1] == store._snap.tokens
+    # What another process loads from those files reads exactly like the live snapshot.
+    fresh = store_for(engine, mem)
+    loaded, update = fresh.get()
+    assert update.reason == "loaded from disk" and loaded.tokens == store._snap.tokens
+    prompt = prompts.read_prompt(render.segments(mem.items()), "coat?")
+    n = len(engine.tail_ids(prompt))
+    assert torch.equal(snapshot_logits(engine, fresh, prompt, n), snapshot_logits(engine, store, prompt, n))
+
+
+def test_many_appends_merge_chunks(monkeypatch) -> None:
+    from linmem import state
+
+    monkeypatch.setattr(state, "MAX_CHUNKS", 3)
+    rng = random.Random()
+    mem = memory_with(rng, 5)
+    engine = load_engine("tiny:qwen3.5")
+    store = store_for(engine, mem)
+    store.get()
+    for _ in range(5):
+        mem.write(random_items(rng, 2, first_clip=9))
+        store.get()
+        assert len(list(store.path.glob("kv-*"))) <= 3
+    assert len(list(store.path.iterdir())) <= 5  # header, fixed, chunks: old files are cleaned up
+    loaded, update = store_for(engine, mem).get()
+    assert update.reason == "loaded from disk" and loaded.tokens == store._snap.tokens
 
 
 def test_stale_snapshot_is_rebuilt() -> None:
@@ -196,7 +248,7 @@ def test_stale_snapshot_is_rebuilt() -> None:
     # A snapshot made by another model is never applied, even at the same path.
     other = load_engine("tiny:kimi-linear")
     wrong = store_for(other, mem)
-    wrong.path = store_for(engine, mem).path
+    wrong.path = store_for(engine, mem).path  # as if the key had collided
     _, update = wrong.get()
     assert "stale" in update.reason
 

@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = command("delete", cmd_delete, "delete a memory entirely")
     d.add_argument("name")
 
+    b = command("bench", cmd_bench, "measure state caching: stateless re-read vs snapshot read, and appends")
+    b.add_argument("--model", default="tiny:qwen3.5", help="model spec (default tiny:qwen3.5)")
+    b.add_argument("--quick", action="store_true", help="memories of 1k and 4k tokens only")
+
     demo = command("demo", cmd_demo, "write a sample memory and answer questions with both readers")
     demo.add_argument("--model", help="LM reader model spec (default hf:Qwen/Qwen3.5-0.8B)")
     return p
@@ -242,6 +246,13 @@ def cmd_delete(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(f"deleted memory {args.name}")
     return {"deleted": args.name}
+
+
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from .bench import run_bench
+
+    lengths = (1024, 4096) if args.quick else (1024, 4096, 16384)
+    return run_bench(model=args.model, lengths=lengths, echo=not args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:

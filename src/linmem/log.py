@@ -124,6 +124,16 @@ class Log:
             Item(text=t, clip=c, time=tm, source=s, meta=json.loads(m), id=i) for i, t, c, tm, s, m in rows
         ]
 
+    def clips(self) -> set[int]:
+        """The clip ids present in the log."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT DISTINCT clip FROM items WHERE clip IS NOT NULL")}
+
+    def count_upto(self, last_id: int) -> int:
+        """How many items have an id <= `last_id` (a cache covering that prefix must hold as many)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM items WHERE id <= ?", (last_id,)).fetchone()[0])
+
     def delete(self, ids: Iterable[int]) -> int:
         """Delete the given items; returns how many existed. Invalidates every derived prefix."""
         wanted = sorted(set(ids))

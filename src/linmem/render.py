@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from .types import Item
 
@@ -46,40 +48,54 @@ def _header(item: Item, show_source: bool) -> str:
     return "[" + " | ".join(parts) + "]"
 
 
-def segments(items: Sequence[Item]) -> list[str]:
-    """The rendered text of each item, in order; `"".join(segments(items))` is the memory text."""
-    out: list[str] = []
-    previous: Item | None = None
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where rendering stands after some items: all that the next item's text depends on.
+
+    Keeping it lets a caller render only new items (`segments(new, cursor)`) and get exactly the
+    text a full render would give them.
+    """
+
+    started: bool = False
+    clip: int | None = None
+    source: str | None = None
     block_time: str | None = None
     last_source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Cursor:
+        return cls(**d)
+
+
+def segments(items: Sequence[Item], cursor: Cursor | None = None) -> list[str]:
+    """The rendered text of each item, in order; `"".join(segments(items))` is the memory text."""
+    return advance(items, cursor)[0]
+
+
+def advance(items: Sequence[Item], cursor: Cursor | None = None) -> tuple[list[str], Cursor]:
+    """Render `items` following the items `cursor` stands after; returns the texts and the new cursor."""
+    c = cursor or Cursor()
+    out: list[str] = []
     for item in items:
-        starts_block = (
-            previous is None
-            or item.clip is None
-            or previous.clip != item.clip
-            or (item.source or None) != (previous.source or None)
-        )
-        if starts_block:
-            block_time = _one_line(item.time) if item.time else None
-        text, last_source = _render(item, previous, last_source, starts_block, block_time)
+        source = item.source or None
+        starts_block = not c.started or item.clip is None or c.clip != item.clip or c.source != source
+        block_time = (_one_line(item.time) if item.time else None) if starts_block else c.block_time
+        line = _one_line(item.text)
+        last_source = c.last_source
+        if not starts_block:
+            if item.time and _one_line(item.time) != block_time:
+                line = f"({_one_line(item.time)}) {line}"
+            text = line + "\n"
+        else:
+            show_source = bool(source) and source != last_source
+            text = ("\n" if c.started else "") + _header(item, show_source) + "\n" + line + "\n"
+            last_source = source or last_source
         out.append(text)
-        previous = item
-    return out
-
-
-def _render(
-    item: Item, previous: Item | None, last_source: str | None, starts_block: bool, block_time: str | None
-) -> tuple[str, str | None]:
-    line = _one_line(item.text)
-    if not starts_block:
-        if item.time and _one_line(item.time) != block_time:
-            line = f"({_one_line(item.time)}) {line}"
-        return line + "\n", last_source
-    show_source = bool(item.source) and item.source != last_source
-    text = _header(item, show_source) + "\n" + line + "\n"
-    if previous is not None:
-        text = "\n" + text
-    return text, (item.source if item.source else last_source)
+        c = Cursor(True, item.clip, source, block_time, last_source)
+    return out, c
 
 
 def render(items: Sequence[Item]) -> str:

@@ -2,18 +2,23 @@
 
 A snapshot is the model's cache (recurrent and conv states of linear-attention layers, keys and
 values of attention layers) after the memory prompt prefix: the chat-template head, then every
-item of the log rendered in order. It records the log position it covers (epoch, last item id),
-so when the log has only grown, the snapshot is extended by the new items' tokens alone; when the
-log lost items (a new epoch), the model, its weights or the prompt head changed, or the file is
-damaged, it is rebuilt from the log.
+item of the log rendered in order. It records the log position it covers (epoch, last item id)
+and the renderer's cursor, so when the log has only grown it is extended by the new items'
+tokens alone; when the log lost items (a new epoch), when the model, its weights, the prompt head
+or the layout changed, or when its files are damaged, it is rebuilt from the log.
 
-On disk a snapshot is one file, written whole (temp file, fsync, rename) or not at all::
+On disk a snapshot is a folder ``state/<key>/``:
 
-    b"LINMEM-SNAPSHOT\\n" | header length (8 bytes, little endian) | JSON header | safetensors payload
+- ``kv-<start>-<end>.safetensors``: rows [start, end) of the attention keys and values, which
+  only ever grow. A write adds one file with the new rows; old files are never rewritten (they
+  are merged once there are many).
+- ``fixed-<n>.safetensors``: everything else (linear-attention states, conv states): small and
+  constant-size, rewritten on every save.
+- ``header.json``: model id and fingerprint (config, weights, tokenizer), prompt-head hash, layout
+  version, library versions, log position, token count, and the sha256 of every file above. It is
+  replaced atomically, last, so a crash mid-save leaves the previous snapshot intact.
 
-The header names the model id, its fingerprint (config and weights), the prompt head's hash, the
-library versions, the log position and token count, and the payload's sha256. Loading never
-unpickles anything: the cache is rebuilt from plain tensors.
+Loading checks every checksum and never unpickles anything: the cache is rebuilt from tensors.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +37,8 @@ from . import render
 from .errors import ContextOverflow
 from .log import Log
 
-MAGIC = b"LINMEM-SNAPSHOT\n"
-FORMAT = 1
+FORMAT = 2
+MAX_CHUNKS = 32
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class Snapshot:
     last_id: int
     epoch: int
     version: int
+    cursor: render.Cursor
+    lineage: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,10 @@ class SnapshotStore:
         self.head = head
         self.persist = persist
         key = hashlib.sha256(f"{engine.fingerprint}\0{head}".encode()).hexdigest()[:24]
-        self.path = Path(directory) / f"{key}.snap"
+        self.path = Path(directory) / key
         self._head_sha = hashlib.sha256(head.encode()).hexdigest()
         self._snap: Snapshot | None = None
+        self._disk: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     def get(self, budget: int | None = None) -> tuple[Snapshot, Update]:
@@ -81,6 +89,8 @@ class SnapshotStore:
                 snap, reason = self._load()
             if snap is not None and (snap.epoch != state.epoch or snap.last_id > state.last_id):
                 snap, reason = None, "the log lost items since the snapshot"
+            if snap is not None and self.log.count_upto(snap.last_id) != snap.items:
+                snap, reason = None, "the snapshot does not match the log"
             if snap is not None and snap.last_id == state.last_id:
                 self._snap = snap
                 return snap, Update(0, 0.0, reason or "up to date")
@@ -97,20 +107,19 @@ class SnapshotStore:
 
     def _advance(self, snap: Snapshot | None, budget: int | None, reason: str) -> tuple[Snapshot, Update]:
         state = self.log.state()
-        items = self.log.items()
-        segments = render.segments(items)
-        if snap is not None and sum(1 for i in items if i.id is not None and i.id <= snap.last_id) != snap.items:
-            snap, reason = None, "the snapshot does not match the log"
         if snap is None:
+            new_items = self.log.items()
             ids = self.engine.encode(self.head)
-            start, base_tokens = 0, 0
+            base, cursor = 0, None
             reason = reason or "no snapshot yet"
         else:
-            ids, start, base_tokens = [], snap.items, snap.tokens
-            reason = reason or f"extended by {len(items) - snap.items} new items"
-        for seg in segments[start:]:
-            ids += self.engine.encode(seg, specials=False)
-        total = base_tokens + len(ids)
+            new_items = self.log.items(after_id=snap.last_id)
+            ids, base, cursor = [], snap.tokens, snap.cursor
+            reason = reason or f"extended by {len(new_items)} new items"
+        texts, cursor = render.advance(new_items, cursor)
+        for text in texts:
+            ids += self.engine.encode(text, specials=False)
+        total = base + len(ids)
         if budget is not None and total > budget:
             raise ContextOverflow(
                 f"the memory is {total} tokens, but with the question and answer only {budget} fit "
@@ -121,33 +130,18 @@ class SnapshotStore:
             )
         t0 = time.perf_counter()
         cache = self.engine.new_cache() if snap is None else self.engine.fork(snap.cache)
-        self.engine.advance(cache, ids, progress=_progress(len(ids)))
+        if ids:
+            self.engine.advance(cache, ids, progress=_progress(len(ids)))
         seconds = time.perf_counter() - t0
-        last_id = items[-1].id if items else 0
-        new = Snapshot(cache, total, len(items), int(last_id or 0), state.epoch, state.version)
+        last_id = int(new_items[-1].id or 0) if new_items else (snap.last_id if snap else 0)
+        items = (snap.items if snap else 0) + len(new_items)
+        lineage = snap.lineage if snap else uuid.uuid4().hex
+        new = Snapshot(cache, total, items, last_id, state.epoch, state.version, cursor, lineage)
         return new, Update(len(ids), seconds, reason)
 
-    def _save(self, snap: Snapshot) -> None:
-        from safetensors.torch import save as st_save
+    # Disk
 
-        tensors, meta = self.engine.cache_to_tensors(snap.cache)
-        payload = st_save({k: v.clone() for k, v in tensors.items()})
-        header = self._header(snap) | {
-            "cache": meta,
-            "payload_sha256": hashlib.sha256(payload).hexdigest(),
-            "payload_bytes": len(payload),
-        }
-        data = json.dumps(header).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(data)) + data)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-
-    def _header(self, snap: Snapshot) -> dict[str, Any]:
+    def _identity(self) -> dict[str, Any]:
         import torch
         import transformers
 
@@ -159,47 +153,101 @@ class SnapshotStore:
             "layout": render.LAYOUT_VERSION,
             "transformers": transformers.__version__,
             "torch": torch.__version__,
+        }
+
+    def _save(self, snap: Snapshot) -> None:
+        tensors, meta = self.engine.cache_to_tensors(snap.cache)
+        growing = set(meta["growing"])
+        rows = {k: tensors[k].shape[-2] for k in growing}
+        n_rows = max(rows.values(), default=0)
+        old = self._disk if self._disk and self._disk.get("lineage") == snap.lineage else None
+        chunks = list(old["kv"]) if old else []
+        if len(chunks) >= MAX_CHUNKS:
+            chunks = []  # merge: one file for all rows so far
+        start = chunks[-1]["end"] if chunks else 0
+        self.path.mkdir(parents=True, exist_ok=True)
+        if n_rows > start and growing:
+            part = {k: tensors[k][..., start:, :] for k in growing}
+            chunks.append(_write(self.path / f"kv-{start}-{n_rows}.safetensors", part) | {"start": start, "end": n_rows})
+        serial = (old["serial"] + 1) if old else 0
+        fixed = _write(self.path / f"fixed-{serial}.safetensors", {k: v for k, v in tensors.items() if k not in growing})
+        header = self._identity() | {
             "tokens": snap.tokens,
             "items": snap.items,
             "last_id": snap.last_id,
             "epoch": snap.epoch,
             "log_version": snap.version,
+            "cursor": snap.cursor.to_dict(),
+            "lineage": snap.lineage,
+            "serial": serial,
+            "cache": meta,
+            "fixed": fixed,
+            "kv": chunks,
         }
+        _write_atomic(self.path / "header.json", json.dumps(header).encode())
+        self._disk = header
+        keep = {"header.json", fixed["file"], *(c["file"] for c in chunks)}
+        for f in self.path.iterdir():
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
 
     def _load(self) -> tuple[Snapshot | None, str]:
         """The snapshot on disk if it is intact and made by this model for this prompt head."""
-        if not self.path.is_file():
+        header_path = self.path / "header.json"
+        if not header_path.is_file():
             return None, ""
         try:
-            header, payload = _read(self.path)
-            expected = self._header(Snapshot(None, 0, 0, 0, 0, 0))
-            for key in ("format", "model", "fingerprint", "head_sha256", "layout", "transformers", "torch"):
-                if header.get(key) != expected[key]:
+            header = json.loads(header_path.read_bytes())
+            for key, want in self._identity().items():
+                if header.get(key) != want:
                     return None, f"snapshot on disk is stale ({key} differs)"
-            if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-                return None, "snapshot on disk is corrupt (payload checksum mismatch)"
-            from safetensors.torch import load as st_load
+            tensors = _read(self.path, header["fixed"])
+            chunks = [_read(self.path, c) for c in header["kv"]]
+            import torch
 
-            cache = self.engine.cache_from_tensors(st_load(payload), header["cache"])
-            snap = Snapshot(
-                cache, header["tokens"], header["items"], header["last_id"], header["epoch"], header["log_version"]
-            )
-            return snap, "loaded from disk"
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            for key in header["cache"]["growing"]:
+                tensors[key] = torch.cat([c[key] for c in chunks], dim=-2) if len(chunks) > 1 else chunks[0][key]
+            cache = self.engine.cache_from_tensors(tensors, header["cache"])
+        except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
             return None, f"snapshot on disk is corrupt ({type(e).__name__}: {e})"
+        self._disk = header
+        snap = Snapshot(
+            cache,
+            header["tokens"],
+            header["items"],
+            header["last_id"],
+            header["epoch"],
+            header["log_version"],
+            render.Cursor.from_dict(header["cursor"]),
+            header["lineage"],
+        )
+        return snap, "loaded from disk"
 
 
-def _read(path: Path) -> tuple[dict[str, Any], bytes]:
-    data = path.read_bytes()
-    if not data.startswith(MAGIC):
-        raise ValueError("bad magic")
-    (n,) = struct.unpack("<Q", data[len(MAGIC) : len(MAGIC) + 8])
-    start = len(MAGIC) + 8
-    header = json.loads(data[start : start + n])
-    payload = data[start + n :]
-    if len(payload) != header["payload_bytes"]:
-        raise ValueError(f"payload is {len(payload)} bytes, header says {header['payload_bytes']}")
-    return header, payload
+def _write(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous().clone() for k, v in tensors.items()})
+    _write_atomic(path, data)
+    return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _read(directory: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    data = (directory / entry["file"]).read_bytes()
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{entry['file']}: checksum mismatch")
+    return dict(load(data))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _progress(total: int) -> Any:

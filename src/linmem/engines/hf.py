@@ -129,7 +129,23 @@ class HFEngine:
         return DynamicCache(config=self.model.config)
 
     def fork(self, cache: Any) -> Any:
-        return copy.deepcopy(cache)
+        """A copy of `cache` that a forward pass can update without touching the original.
+
+        Linear-attention states are updated in place, so they are copied (they are small and
+        constant-size). Attention keys and values are shared: a `DynamicLayer` update builds a
+        new tensor with torch.cat and never writes into the old one, so a fork costs O(state), not
+        O(memory). The snapshot-unchanged test guards this assumption.
+        """
+        twin = copy.copy(cache)
+        twin.layers = [self._fork_layer(layer) for layer in cache.layers]
+        return twin
+
+    def _fork_layer(self, layer: Any) -> Any:
+        twin = copy.copy(layer)
+        shared = _append_only(layer)
+        for name, value in vars(layer).items():
+            setattr(twin, name, value if name in shared else copy.deepcopy(value))
+        return twin
 
     def advance(
         self,
@@ -221,7 +237,8 @@ class HFEngine:
             for name, value in vars(layer).items():
                 attrs[name] = _encode(value, f"{i}.{name}", tensors, torch)
             layers.append({"class": type(layer).__name__, "attrs": attrs})
-        return tensors, {"layers": layers}
+        growing = [f"{i}.{name}" for i, layer in enumerate(cache.layers) for name in _append_only(layer)]
+        return tensors, {"layers": layers, "growing": [k for k in growing if k in tensors]}
 
     def cache_from_tensors(self, tensors: dict[str, Any], meta: dict[str, Any]) -> Any:
         import torch
@@ -235,6 +252,16 @@ class HFEngine:
             for name, value in saved["attrs"].items():
                 setattr(layer, name, _decode(value, tensors, torch, self.device))
         return cache
+
+
+def _append_only(layer: Any) -> tuple[str, ...]:
+    """Attributes of a cache layer that only ever grow by torch.cat along the sequence axis."""
+    from transformers.cache_utils import DynamicLayer
+
+    update = getattr(type(layer), "update", None)
+    if isinstance(layer, DynamicLayer) and update is DynamicLayer.update:
+        return ("keys", "values")
+    return ()
 
 
 def _encode(value: Any, key: str, tensors: dict[str, Any], torch: Any) -> Any:

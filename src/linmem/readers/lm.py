@@ -51,15 +51,21 @@ class LMReader:
         self.stateless = stateless or not isinstance(self.engine, HFEngine)
         self.max_new_tokens = max_new_tokens
         self.overflow = overflow
-        limit = self.engine.context_length
-        # A caller may cap the context below the model's (to bound RAM); never above it.
-        self.context_length = min(context_length, limit) if context_length and limit else context_length or limit
+        self._cap = context_length
         self._store: SnapshotStore | None = None
         if isinstance(self.engine, HFEngine):
             head, _ = self.engine.split(prompts.read_prompt([], ""))
             self._store = SnapshotStore(
                 self.engine, memory.log, memory.cache_dir / "state", head, persist=persist
             )
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's context, or the caller's cap below it (to bound RAM); never above it.
+        Looked up on each read: an HTTP engine may learn its server's limit late."""
+        limit = self.engine.context_length
+        cap = self._cap
+        return min(cap, limit) if cap and limit else cap or limit
 
     @property
     def model_id(self) -> str:
@@ -75,25 +81,16 @@ class LMReader:
 
     def read(self, query: str) -> Answer:
         t0 = time.perf_counter()
-        segments, items = self._segments()
-        gen, notes = self._complete(_Ask("read", query, 0), segments, self.max_new_tokens, items)
-        valid = {i.clip for i in items if i.clip is not None}
+        gen, notes = self._complete(_Ask("read", query, 0), self.max_new_tokens)
+        valid = self.memory.log.clips()
         clips = tuple(c for c in render.parse_clips(gen.text) if c in valid)
         return self._answer(gen, clips, t0, notes)
 
     def rank(self, query: str, k: int = 5) -> Answer:
         t0 = time.perf_counter()
-        segments, items = self._segments()
-        valid = [i.clip for i in items if i.clip is not None]
-        gen, notes = self._complete(_Ask("rank", query, k), segments, 8 * k + 16, items)
-        clips = tuple(render.parse_ranking(gen.text, valid)[:k])
+        gen, notes = self._complete(_Ask("rank", query, k), 8 * k + 16)
+        clips = tuple(render.parse_ranking(gen.text, self.memory.log.clips())[:k])
         return self._answer(gen, clips, t0, notes)
-
-    def _segments(self) -> tuple[list[str], list[Item]]:
-        items = self.memory.log.items()
-        if not items:
-            raise EmptyMemory(f"memory {self.memory.name!r} is empty: write items first (linmem write)")
-        return render.segments(items), items
 
     def _answer(self, gen: Generation, clips: tuple[int, ...], t0: float, notes: list[str]) -> Answer:
         if getattr(self.engine, "label", ""):
@@ -107,19 +104,21 @@ class LMReader:
             notes=tuple(notes),
         )
 
-    def _complete(
-        self, ask: _Ask, segments: Sequence[str], max_new: int, items: list[Item]
-    ) -> tuple[Generation, list[str]]:
-        prompt = ask.prompt(segments)
+    def _complete(self, ask: _Ask, max_new: int) -> tuple[Generation, list[str]]:
+        if self.memory.log.state().count == 0:
+            raise EmptyMemory(f"memory {self.memory.name!r} is empty: write items first (linmem write)")
         try:
-            if self.stateless:
-                self._check_fits(prompt, max_new)
-                return self.engine.generate(prompt, max_new_tokens=max_new), []
-            return self._from_snapshot(prompt, max_new)
+            if not self.stateless:
+                # The snapshot holds the memory; only the query part of the prompt is needed.
+                return self._from_snapshot(ask.prompt([]), max_new)
+            prompt = ask.prompt(render.segments(self.memory.log.items()))
+            self._check_fits(prompt, max_new)
+            return self.engine.generate(prompt, max_new_tokens=max_new), []
         except ContextOverflow:
             if self.overflow != "window":
                 raise
-            return self._windowed(ask, prompt, max_new, items)
+            items = self.memory.log.items()
+            return self._windowed(ask, ask.prompt(render.segments(items)), max_new, items)
 
     def _memory_budget(self, tail_tokens: int, max_new: int | None = None) -> int | None:
         if self.context_length is None:
