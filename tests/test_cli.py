@@ -109,7 +109,9 @@ def test_errors_are_clear_and_write_nothing(capsys, tmp_path) -> None:
     assert out["error"]["code"] == "unknown_spec" and "hf:REPO_OR_PATH" in out["error"]["message"]
     code, out = run(capsys, "ask", "kitchen", "q?", "--model", "hf:someone/uncached-model")
     assert out["error"]["code"] == "model_unavailable" and "tiny:qwen3.5" in out["error"]["message"]
-    code, out = run(capsys, "ask", "kitchen", "why? " * 300, "--model", "tiny:qwen3", "--context-length", "512")
+    code, out = run(
+        capsys, "ask", "kitchen", "why? " * 300, "--model", "tiny:qwen3", "--context-length", "512"
+    )
     assert out["error"]["code"] == "context_overflow"
 
 

@@ -103,7 +103,9 @@ def test_openai_engine_gets_the_same_prompt_with_a_stable_prefix() -> None:
 
 
 def test_rank_parses_free_form_lists() -> None:
-    with OpenAIServer(chat=lambda body: {"content": "Most relevant:\n1. CLIP 3\n2. clip 6\n3. CLIP 42\n4. CLIP 0"}) as s:
+    with OpenAIServer(
+        chat=lambda body: {"content": "Most relevant:\n1. CLIP 3\n2. clip 6\n3. CLIP 42\n4. CLIP 0"}
+    ) as s:
         mem = household()
         ranked = mem.rank("keys", 3, model=f"openai:{s.url}#m")
     assert ranked.clips == (3, 6, 0)  # 42 is not a clip of this memory
@@ -116,7 +118,9 @@ def test_hf_and_openai_prompts_agree_on_text() -> None:
     engine = load_engine("tiny:qwen3")
     segments = render.segments(household().items())
     prompt = prompts.read_prompt(segments, "q?")
-    templated = engine.tokenizer.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
+    templated = engine.tokenizer.apply_chat_template(
+        prompt.messages(), tokenize=False, add_generation_prompt=True
+    )
     head, tail = engine.split(prompt)
     assert templated == head + "".join(segments) + tail
 
@@ -126,7 +130,12 @@ def test_cached_reads_are_exact_on_fresh_random_memories() -> None:
     mem = open_memory("r", create=True)
     words = "mug keys fern desk cat spaghetti drawer window Saturday".split()
     for _ in range(3):
-        mem.write([Item(" ".join(rng.choices(words, k=rng.randint(2, 11))), clip=rng.randint(0, 9)) for _ in range(7)])
+        mem.write(
+            [
+                Item(" ".join(rng.choices(words, k=rng.randint(2, 11))), clip=rng.randint(0, 9))
+                for _ in range(7)
+            ]
+        )
         for spec in ("tiny:kimi-linear", "tiny:qwen3.5"):
             q = " ".join(rng.choices(words, k=5)) + "?"
             fast = mem.ask(q, model=spec, max_new_tokens=12)

@@ -146,7 +146,7 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path) -> None:
 
 def test_non_utf8_and_empty_files(tmp_path) -> None:
     f = tmp_path / "notes.txt"
-    f.write_bytes("first paragraph\n\nsecond ".encode() + b"\xff\xfe bad")
+    f.write_bytes(b"first paragraph\n\nsecond " + b"\xff\xfe bad")
     with pytest.raises(BadInput, match=r"notes.txt:3: not UTF-8 \(byte 0xff"):
         read_items(f)
     f.write_text("\n  \n\n")
@@ -157,7 +157,10 @@ def test_non_utf8_and_empty_files(tmp_path) -> None:
 def test_text_paragraphs_become_items(tmp_path) -> None:
     f = tmp_path / "notes.md"
     f.write_text("Alice likes tea.\nShe drinks it black.\n\n\nBob runs on Mondays.\n")
-    assert [i.text for i in read_items(f)] == ["Alice likes tea.\nShe drinks it black.", "Bob runs on Mondays."]
+    assert [i.text for i in read_items(f)] == [
+        "Alice likes tea.\nShe drinks it black.",
+        "Bob runs on Mondays.",
+    ]
 
 
 def test_rendering_new_items_from_a_cursor_equals_full_render() -> None:

@@ -94,7 +94,9 @@ def test_memory_lengths_not_multiple_of_64(spec: str) -> None:
         assert snap.tokens % 64 != 0
         prompt = prompts.rank_prompt(render.segments(mem.items()), "keys", 5)
         n = len(engine.tail_ids(prompt))
-        assert (stateless_logits(engine, prompt, n) - snapshot_logits(engine, store, prompt, n)).abs().max() < 1e-4
+        assert (
+            stateless_logits(engine, prompt, n) - snapshot_logits(engine, store, prompt, n)
+        ).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("spec", ["tiny:kimi-linear", "tiny:qwen3.5"])
@@ -128,7 +130,9 @@ def test_extend_then_read_equals_full_read(spec: str) -> None:
     assert update.tokens == snap.tokens - first.tokens
     prompt = prompts.read_prompt(render.segments(mem.items()), "What is in the drawer?")
     n = len(engine.tail_ids(prompt))
-    assert (stateless_logits(engine, prompt, n) - snapshot_logits(engine, store, prompt, n)).abs().max() < 1e-4
+    assert (
+        stateless_logits(engine, prompt, n) - snapshot_logits(engine, store, prompt, n)
+    ).abs().max() < 1e-4
 
 
 def test_write_extends_snapshot_with_new_tokens_only() -> None:

@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,11 @@ def run_bench(
             stateless_reader = memory.reader("lm", model=model, max_new_tokens=8, stateless=True)
             _grow_to(memory, cached_reader, length, rng)
             cached_reader.read(QUESTIONS[0])  # build the snapshot once
-            t_cached, a_cached = _median(lambda: cached_reader.read(QUESTIONS[1]), repeat + 2)
-            t_full, a_full = _median(lambda: stateless_reader.read(QUESTIONS[1]), repeat)
+            t_cached, a_cached = _median(partial(cached_reader.read, QUESTIONS[1]), repeat + 2)
+            t_full, a_full = _median(partial(stateless_reader.read, QUESTIONS[1]), repeat)
             exact = a_cached.text == a_full.text and a_cached.tokens.memory == a_full.tokens.memory
             before = a_cached.tokens.memory
-            new = _items(rng, append_tokens, memory.items()[-1].clip + 1)
+            new = _items(rng, append_tokens, (memory.items()[-1].clip or 0) + 1)
             t0 = time.perf_counter()
             memory.write(new)
             t_append = time.perf_counter() - t0
@@ -131,15 +132,33 @@ def run_bench(
 
 def _table(result: dict[str, Any]) -> None:
     m = result["machine"]
-    print(f"state caching, {result['model']} (random weights), {m['cores']} cores, torch {m['torch']}, "
-          f"{m['threads']} threads")
-    head = ("memory tok", "query tok", "stateless s", "cached s", "speedup", "exact", "+tok", "append s", "vs first")
+    print(
+        f"state caching, {result['model']} (random weights), {m['cores']} cores, torch {m['torch']}, "
+        f"{m['threads']} threads"
+    )
+    head = (
+        "memory tok",
+        "query tok",
+        "stateless s",
+        "cached s",
+        "speedup",
+        "exact",
+        "+tok",
+        "append s",
+        "vs first",
+    )
     print(" | ".join(f"{h:>11}" for h in head))
     for r in result["rows"]:
         cells = (
-            r["memory_tokens"], r["query_tokens"], r["stateless_s"], r["cached_s"],
-            f"{r['speedup']}x" if r["speedup"] else "REFUSED", r["exact"], r["append_tokens"],
-            r["append_s"], r["append_vs_first"],
+            r["memory_tokens"],
+            r["query_tokens"],
+            r["stateless_s"],
+            r["cached_s"],
+            f"{r['speedup']}x" if r["speedup"] else "REFUSED",
+            r["exact"],
+            r["append_tokens"],
+            r["append_s"],
+            r["append_vs_first"],
         )
         print(" | ".join(f"{c!s:>11}" for c in cells))
     if not result["all_exact"]:

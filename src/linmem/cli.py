@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"linmem {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--home", type=Path, help="memory home folder (default: $LINMEM_HOME or the user data dir)")
+    common.add_argument(
+        "--home", type=Path, help="memory home folder (default: $LINMEM_HOME or the user data dir)"
+    )
     common.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -72,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = command("write", cmd_write, "write items from JSONL or text files into a memory (created if new)")
     w.add_argument("name")
-    w.add_argument("files", nargs="+", metavar="FILE", help="JSONL (.jsonl) or text (one item per paragraph); - for stdin")
+    w.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="JSONL (.jsonl) or text (one item per paragraph); - for stdin",
+    )
     w.add_argument("--format", choices=["jsonl", "text"], help="override the format the suffix implies")
 
     for name, run, what in (
@@ -111,12 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reader_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--backend", choices=BACKENDS, default="lm", help="reader (default lm)")
-    a.add_argument("--model", help="LM spec: hf:REPO_OR_PATH, openai:URL#MODEL, tiny:NAME (default hf:Qwen/Qwen3.5-0.8B)")
-    a.add_argument("--embedder", help="embedding spec: st:NAME_OR_PATH or openai:URL#MODEL (default all-MiniLM-L6-v2)")
-    a.add_argument("--stateless", action="store_true", help="re-read the whole memory instead of using the snapshot")
+    a.add_argument(
+        "--model", help="LM spec: hf:REPO_OR_PATH, openai:URL#MODEL, tiny:NAME (default hf:Qwen/Qwen3.5-0.8B)"
+    )
+    a.add_argument(
+        "--embedder", help="embedding spec: st:NAME_OR_PATH or openai:URL#MODEL (default all-MiniLM-L6-v2)"
+    )
+    a.add_argument(
+        "--stateless", action="store_true", help="re-read the whole memory instead of using the snapshot"
+    )
     a.add_argument("--max-new-tokens", type=int, help="answer length limit for the LM reader (default 256)")
     a.add_argument("--context-length", type=int, help="cap the LM reader's context (default: the model's)")
-    a.add_argument("--overflow", choices=["error", "window"], help="memory longer than the context: stop (default) or read in windows")
+    a.add_argument(
+        "--overflow",
+        choices=["error", "window"],
+        help="memory longer than the context: stop (default) or read in windows",
+    )
     a.add_argument("--top-k", type=int, help="clips the embedding reader returns (default 3)")
     a.add_argument("--threshold", type=float, help="minimum cosine for the embedding reader (default 0.0)")
 
@@ -146,7 +163,12 @@ def cmd_write(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(f"wrote {len(written)} items to {memory.name} (ids {written[0].id}-{written[-1].id})")
     state = memory.state()
-    return {"memory": memory.name, "written": len(written), "ids": [i.id for i in written], "items": state.count}
+    return {
+        "memory": memory.name,
+        "written": len(written),
+        "ids": [i.id for i in written],
+        "items": state.count,
+    }
 
 
 def cmd_ask(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,8 +197,11 @@ def _print_answer(answer: Answer) -> None:
 def _print_footer(a: Answer) -> None:
     t = a.tokens
     cited = ", ".join(str(c) for c in a.clips) or "none"
-    print(f"[{a.model} | clips: {cited} | tokens: memory {t.memory}, processed {t.processed}, "
-          f"cached {t.cached}, generated {t.generated} | {a.timings.total_s:.2f} s]", file=sys.stderr)
+    print(
+        f"[{a.model} | clips: {cited} | tokens: memory {t.memory}, processed {t.processed}, "
+        f"cached {t.cached}, generated {t.generated} | {a.timings.total_s:.2f} s]",
+        file=sys.stderr,
+    )
     for note in a.notes:
         print(f"note: {note}", file=sys.stderr)
 
@@ -185,7 +210,9 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     memory = open_memory(args.name, home=args.home)
     items = memory.items()
     state = memory.state()
-    caches = sorted(p for p in memory.cache_dir.rglob("*") if p.is_file()) if memory.cache_dir.is_dir() else []
+    caches = (
+        sorted(p for p in memory.cache_dir.rglob("*") if p.is_file()) if memory.cache_dir.is_dir() else []
+    )
     stats = {
         "memory": memory.name,
         "path": str(memory.path),

@@ -24,9 +24,11 @@ def sample_path() -> Path:
     return Path(str(resources.files("linmem") / "data" / SAMPLE))
 
 
-def run_demo(*, home: str | Path | None = None, model: str | None = None, echo: bool = True) -> dict[str, Any]:
+def run_demo(
+    *, home: str | Path | None = None, model: str | None = None, echo: bool = True
+) -> dict[str, Any]:
     """Write the sample memory (replacing an earlier demo memory) and answer QUESTIONS."""
-    say = (lambda *a: print(*a)) if echo else (lambda *a: None)
+    say = print if echo else (lambda *a: None)
     if "demo" in memories(home):
         delete_memory("demo", home=home)
     memory = open_memory("demo", home=home, create=True)
@@ -46,8 +48,9 @@ def run_demo(*, home: str | Path | None = None, model: str | None = None, echo: 
         reader = memory.reader("lm", model=spec, max_new_tokens=96)
     except ModelUnavailable as e:
         say(f"\nThe LM reader is not available here: {e}\n")
-        say("The embedding reader answered above. To see the LM reader's whole pipeline with a random-weights")
-        say("model (answers are noise, but prefill, snapshots and timings are real): linmem demo --model tiny:qwen3.5")
+        say("The embedding reader answered above. To run the LM reader's whole pipeline with a")
+        say("random-weights model (noise answers; real prefill, snapshots and timings):")
+        say("  linmem demo --model tiny:qwen3.5")
         result["lm_error"] = str(e)
         return result
     for q in QUESTIONS:
@@ -60,8 +63,8 @@ def run_demo(*, home: str | Path | None = None, model: str | None = None, echo: 
         result["lm"].append(a.to_dict() | {"question": q})
         t = a.tokens
         say(f"\nQ: {q}\nA: {a.text}")
-        say(f"  [clips {list(a.clips)} | tokens: memory {t.memory}, processed {t.processed}, cached {t.cached}"
-            f" | {a.timings.total_s:.2f} s]")
+        tokens = f"tokens: memory {t.memory}, processed {t.processed}, cached {t.cached}"
+        say(f"  [clips {list(a.clips)} | {tokens} | {a.timings.total_s:.2f} s]")
         for note in a.notes:
             say(f"  note: {note}")
     if echo:

@@ -92,7 +92,9 @@ class Log:
         if not items:
             return []
         now = time.time()
-        rows = [(i.text, i.clip, i.time, i.source, json.dumps(i.meta, ensure_ascii=False), now) for i in items]
+        rows = [
+            (i.text, i.clip, i.time, i.source, json.dumps(i.meta, ensure_ascii=False), now) for i in items
+        ]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -108,7 +110,7 @@ class Log:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return [item.with_id(int(i)) for item, i in zip(items, ids, strict=True)]
+        return [item.with_id(int(i or 0)) for item, i in zip(items, ids, strict=True)]
 
     def items(self, after_id: int = 0, ids: Iterable[int] | None = None) -> list[Item]:
         """Items in log order; only those with id > `after_id`, or only the given `ids`."""
@@ -163,7 +165,9 @@ class Log:
             self._db.execute("BEGIN")
             try:
                 info = dict(self._db.execute("SELECT key, value FROM info").fetchall())
-                last_id, count = self._db.execute("SELECT COALESCE(MAX(id), 0), COUNT(*) FROM items").fetchone()
+                last_id, count = self._db.execute(
+                    "SELECT COALESCE(MAX(id), 0), COUNT(*) FROM items"
+                ).fetchone()
             finally:
                 self._db.execute("COMMIT")
         return LogState(version=info["version"], epoch=info["epoch"], last_id=last_id, count=count)

@@ -49,5 +49,8 @@ def rank_prompt(memory: Sequence[str], query: str, k: int) -> Prompt:
 def combine_prompt(window_answers: Sequence[tuple[str, str]], query: str) -> Prompt:
     """The final step of a windowed read: the windows' answers (labelled by the clips each
     window covered) take the place of the memory."""
-    parts = [f"[WINDOW {i + 1} | {label}]\n{answer.strip()}\n\n" for i, (label, answer) in enumerate(window_answers)]
+    parts = [
+        f"[WINDOW {i + 1} | {label}]\n{answer.strip()}\n\n"
+        for i, (label, answer) in enumerate(window_answers)
+    ]
     return Prompt(MEMORY_SYSTEM, COMBINE_INTRO, parts, READ_QUERY.format(query=query.strip()))

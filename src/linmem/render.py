@@ -145,5 +145,4 @@ def parse_ranking(text: str, valid: Iterable[int]) -> list[int]:
 
 
 def _unique(values: Iterable[int]) -> list[int]:
-    seen: set[int] = set()
-    return [v for v in values if not (v in seen or seen.add(v))]
+    return list(dict.fromkeys(values))

@@ -168,9 +168,13 @@ class SnapshotStore:
         self.path.mkdir(parents=True, exist_ok=True)
         if n_rows > start and growing:
             part = {k: tensors[k][..., start:, :] for k in growing}
-            chunks.append(_write(self.path / f"kv-{start}-{n_rows}.safetensors", part) | {"start": start, "end": n_rows})
+            chunks.append(
+                _write(self.path / f"kv-{start}-{n_rows}.safetensors", part) | {"start": start, "end": n_rows}
+            )
         serial = (old["serial"] + 1) if old else 0
-        fixed = _write(self.path / f"fixed-{serial}.safetensors", {k: v for k, v in tensors.items() if k not in growing})
+        fixed = _write(
+            self.path / f"fixed-{serial}.safetensors", {k: v for k, v in tensors.items() if k not in growing}
+        )
         header = self._identity() | {
             "tokens": snap.tokens,
             "items": snap.items,
@@ -206,7 +210,9 @@ class SnapshotStore:
             import torch
 
             for key in header["cache"]["growing"]:
-                tensors[key] = torch.cat([c[key] for c in chunks], dim=-2) if len(chunks) > 1 else chunks[0][key]
+                tensors[key] = (
+                    torch.cat([c[key] for c in chunks], dim=-2) if len(chunks) > 1 else chunks[0][key]
+                )
             cache = self.engine.cache_from_tensors(tensors, header["cache"])
         except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
             return None, f"snapshot on disk is corrupt ({type(e).__name__}: {e})"

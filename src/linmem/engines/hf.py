@@ -101,7 +101,9 @@ class HFEngine:
         special token (e.g. "<|im_end|>" inside a memory item) stays plain text."""
         if not text:
             return []
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=not specials).input_ids)
+        return list(
+            self.tokenizer(text, add_special_tokens=False, split_special_tokens=not specials).input_ids
+        )
 
     def memory_ids(self, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
         """(head ids, ids of each memory segment)."""
@@ -370,8 +372,10 @@ def load_pretrained(target: str) -> HFEngine:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as second:
             raise ModelUnavailable(_unavailable_message(target, second)) from None
-    model.to(device).eval()
-    files = _weight_files(Path(model.name_or_path)) if Path(model.name_or_path).is_dir() else []
+    model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to() oddly
+    model.eval()
+    where = Path(str(model.name_or_path or ""))
+    files = _weight_files(where) if where.is_dir() else []
     fingerprint = _fingerprint(model.config, "hf", *files)
     return HFEngine(model, tokenizer, id=f"hf:{target}", fingerprint=fingerprint)
 
@@ -388,7 +392,10 @@ def _unavailable_message(target: str, error: Exception) -> str:
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "TRUE") or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+    if (
+        os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "TRUE")
+        or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    ):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:

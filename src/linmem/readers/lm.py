@@ -182,7 +182,9 @@ class LMReader:
             total = _add(total, gen)
         if ask.kind == "rank":
             # A ranking merges the windows' lists round-robin: each window's best first.
-            lists = [render.parse_ranking(a, [i.clip for i in items if i.clip is not None]) for _, a in answers]
+            lists = [
+                render.parse_ranking(a, [i.clip for i in items if i.clip is not None]) for _, a in answers
+            ]
             merged = [c for row in _round_robin(lists) for c in row]
             text = ", ".join(f"CLIP {c}" for c in dict.fromkeys(merged))
             return _add(total, Generation(text, None, 0, 0, 0)), [f"read in {len(windows)} windows"]
@@ -191,7 +193,9 @@ class LMReader:
 
     def _pack_windows(self, prompt: Prompt, max_new: int) -> list[tuple[int, int]]:
         if self.context_length is None:
-            raise EngineError(f"{self.model_id}: windowed reading needs a known context length (context_length=)")
+            raise EngineError(
+                f"{self.model_id}: windowed reading needs a known context length (context_length=)"
+            )
         counts, fixed = self._segment_tokens(prompt)
         budget = self.context_length - fixed - max_new
         windows, lo, used = [], 0, 0
@@ -217,7 +221,9 @@ class LMReader:
         empty = Prompt(prompt.system, prompt.intro, [], prompt.query)
         whole, fixed = self.engine.count_tokens(prompt), self.engine.count_tokens(empty)
         if whole is None or fixed is None:
-            raise EngineError(f"{self.model_id}: windowed reading needs token counts, and the server has no /tokenize")
+            raise EngineError(
+                f"{self.model_id}: windowed reading needs token counts, and the server has no /tokenize"
+            )
         # The server counts the whole prompt only; share its memory tokens out by characters,
         # with a 10% margin for segments that tokenise denser than average.
         per_char = (whole - fixed) / max(1, len(prompt.memory_text))
