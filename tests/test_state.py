@@ -268,12 +268,45 @@ def test_unknown_spec_and_missing_model() -> None:
         load_engine("hf:nobody/not-a-cached-model")
 
 
-def test_hf_directory_loads_like_tiny(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["kimi-linear", "qwen3.5", "qwen3"])
+def test_hf_directory_loads_like_tiny(tmp_path, name: str) -> None:
+    """The real loading path (from_pretrained on a directory) gives the very same model."""
     from linmem.engines import tiny
 
-    path = tiny.save("qwen3.5", tmp_path / "model")
+    path = tiny.save(name, tmp_path / "model")
     mem = memory_with(random.Random(), 9)
     from_disk = mem.ask("Where?", model=f"hf:{path}", max_new_tokens=10)
-    built = mem.ask("Where?", model="tiny:qwen3.5", max_new_tokens=10)
+    built = mem.ask("Where?", model=f"tiny:{name}", max_new_tokens=10)
     assert from_disk.text == built.text
+    assert from_disk.tokens == built.tokens
     assert from_disk.model == f"hf:{path}"
+
+
+def test_qwen3_5_vision_checkpoint_loads_as_text_model(tmp_path) -> None:
+    """Qwen/Qwen3.5-0.8B ships as a vision-language checkpoint; the reader loads its text model."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from linmem.engines import tiny
+
+    tok = tiny.build_tokenizer()
+    text, _ = tiny.build("qwen3.5")
+    vision = {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": text.config.hidden_size,
+        "num_position_embeddings": 64,
+    }
+    ids = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 7, "vision_end_token_id": 8}
+    model = Qwen3_5ForConditionalGeneration(
+        Qwen3_5Config(text_config=text.config.to_dict(), vision_config=vision, **ids)
+    )
+    model.save_pretrained(tmp_path / "vlm")
+    tok.save_pretrained(tmp_path / "vlm")
+    engine = load_engine(f"hf:{tmp_path / 'vlm'}")
+    assert type(engine.model).__name__ == "Qwen3_5ForCausalLM"
+    mem = memory_with(random.Random(), 6)
+    cached = mem.ask("Where?", model=f"hf:{tmp_path / 'vlm'}", max_new_tokens=8)
+    stateless = mem.ask("Where?", model=f"hf:{tmp_path / 'vlm'}", max_new_tokens=8, stateless=True)
+    assert cached.text == stateless.text

@@ -58,3 +58,14 @@ class Engine(Protocol):
     def count_tokens(self, prompt: Prompt) -> int | None:
         """Prompt length in tokens, or None when the engine cannot count locally."""
         ...
+
+
+def strip_think(text: str) -> str:
+    """The answer without a leading ``<think>…</think>`` block (an unclosed one is all reasoning)."""
+    head = text.lstrip()
+    if head.startswith("<think>"):
+        _, closed, rest = head.partition("</think>")
+        return rest.lstrip() if closed else ""
+    if "</think>" in head and "<think>" not in head:  # the chat template opened the block
+        return head.partition("</think>")[2].lstrip()
+    return text

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import ContextOverflow, ModelUnavailable
-from .base import Generation, Prompt
+from .base import Generation, Prompt, strip_think
 
 # transformers routes linear-attention kernels to fla / causal-conv1d / mamba-ssm whenever they are
 # importable, and those are GPU-only (Triton): on a CPU-only machine a forward pass then fails.
@@ -121,7 +121,7 @@ class HFEngine:
         return len(self.prompt_ids(prompt))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+        return strip_think(str(self.tokenizer.decode(list(ids), skip_special_tokens=True)))
 
     # State operations
 

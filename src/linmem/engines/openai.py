@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..errors import ContextOverflow, EngineError, ModelUnavailable, UnknownSpec
-from .base import Generation, Prompt
+from .base import Generation, Prompt, strip_think
 
 log = logging.getLogger(__name__)
 
@@ -291,17 +291,6 @@ class OpenAIEngine:
             needed=needed,
             limit=limit,
         )
-
-
-def strip_think(text: str) -> str:
-    """The answer without a leading ``<think>…</think>`` block (an unclosed one is all reasoning)."""
-    head = text.lstrip()
-    if head.startswith("<think>"):
-        _, closed, rest = head.partition("</think>")
-        return rest.lstrip() if closed else ""
-    if "</think>" in head and "<think>" not in head:  # the chat template opened the block
-        return head.partition("</think>")[2].lstrip()
-    return text
 
 
 def _check_url(url: str) -> str:
