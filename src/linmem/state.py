@@ -14,9 +14,10 @@ On disk a snapshot is a folder ``state/<key>/``:
   are merged once there are many).
 - ``fixed-<n>.safetensors``: everything else (linear-attention states, conv states): small and
   constant-size, rewritten on every save.
-- ``header.json``: model id and fingerprint (config, weights, tokenizer), prompt-head hash, layout
-  version, library versions, log position, token count, and the sha256 of every file above. It is
-  replaced atomically, last, so a crash mid-save leaves the previous snapshot intact.
+- ``header.json``: model id, config hash, fingerprint (config, weights, tokenizer), prompt-head
+  hash, layout version, library versions, log position (epoch, last item id, log version), token
+  count, and the sha256 of every file above. It is replaced atomically, last, so a crash mid-save
+  leaves the previous snapshot intact.
 
 Loading checks every checksum and never unpickles anything: the cache is rebuilt from tensors.
 """
@@ -148,6 +149,7 @@ class SnapshotStore:
         return {
             "format": FORMAT,
             "model": self.engine.id,
+            "config_sha256": self.engine.config_hash,
             "fingerprint": self.engine.fingerprint,
             "head_sha256": self._head_sha,
             "layout": render.LAYOUT_VERSION,

@@ -69,6 +69,9 @@ class HFEngine:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
         self.fingerprint = hashlib.sha256(f"{fingerprint}\0{vocab}".encode()).hexdigest()
+        self.config_hash = hashlib.sha256(
+            json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
+        ).hexdigest()
         self.context_length: int | None = _context_length(model, tokenizer)
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
