@@ -36,6 +36,20 @@ def echo_chat(request: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
+class ScriptedChat:
+    """A chat callable that answers with pre-written replies, in order, and records every message
+    list it was sent: a scripted controller or judge. Past the script it answers `after`."""
+
+    replies: list[str]
+    after: str = ""
+    calls: list[list[dict[str, Any]]] = field(default_factory=list)
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(request["messages"])
+        return {"content": self.replies.pop(0) if self.replies else self.after}
+
+
+@dataclass
 class OpenAIServer:
     chat: ChatFn = echo_chat
     embed: EmbedFn | None = None

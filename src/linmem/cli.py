@@ -93,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rank":
             a.add_argument("-k", type=int, default=5, help="how many clips (default 5)")
 
+    g = command("agent", cmd_agent, "answer a question with a controller model that searches the memory")
+    g.add_argument("name")
+    g.add_argument("query", metavar="QUESTION")
+    g.add_argument("--controller", help="controller model spec: openai:URL#MODEL, hf:REPO_OR_PATH, tiny:NAME")
+    g.add_argument(
+        "--policy",
+        choices=["m3", "single-shot"],
+        default="m3",
+        help="m3: M3-Agent's search-or-answer loop (default); single-shot: one search, then one answer",
+    )
+    g.add_argument("--rounds", type=int, default=5, help="most controller replies for m3 (default 5)")
+    _reader_options(g)
+
     s = command("show", cmd_show, "show a memory's items and statistics")
     s.add_argument("name")
     s.add_argument("--limit", type=int, default=50, help="items to list (default 50; 0 for all)")
@@ -106,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = command("delete", cmd_delete, "delete a memory entirely")
     d.add_argument("name")
+
+    e = command(
+        "eval", cmd_eval, "run an experiment config (a table of the paper), resumably, and write its report"
+    )
+    e.add_argument("config", type=Path, metavar="CONFIG")
+    e.add_argument(
+        "--limit", type=int, help="first N examples (per context length / budget for synthetic tasks)"
+    )
+    e.add_argument("--out", type=Path, help="results folder (default eval-out/<config name>)")
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. systems.0.model=tiny:qwen3.5 (repeatable)",
+    )
 
     b = command("bench", cmd_bench, "measure state caching: stateless re-read vs snapshot read, and appends")
     b.add_argument("--model", default="tiny:qwen3.5", help="model spec (default tiny:qwen3.5)")
@@ -186,6 +215,29 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
         print("clips: " + (", ".join(str(c) for c in answer.clips) or "(none)"))
         _print_footer(answer)
     return answer.to_dict()
+
+
+def cmd_agent(args: argparse.Namespace) -> dict[str, Any]:
+    from .agent import Agent, check_settings
+
+    check_settings(args.policy, args.controller, args.rounds)  # before a reader loads its model
+    _, reader = _reader(args)
+    agent = Agent(reader, controller=args.controller, policy=args.policy, rounds=args.rounds)
+    trace = agent.run(args.query)
+    if not args.json:
+        print(trace.answer if trace.answer is not None else "(no answer)")
+        c, r = trace.controller_tokens, trace.reader_tokens
+        parts = [
+            f"{trace.policy}",
+            f"controller {trace.controller}",
+            f"reader {trace.reader}",
+            f"rounds {trace.rounds}, searches {trace.searches}",
+            f"controller tokens: prompt {c.processed + c.cached}, completion {c.generated}",
+            f"reader tokens: processed {r.processed}, cached {r.cached}",
+            f"{trace.total_s:.2f} s",
+        ]
+        print("[" + " | ".join(parts) + "]", file=sys.stderr)
+    return trace.to_dict()
 
 
 def _print_answer(answer: Answer) -> None:
@@ -273,6 +325,25 @@ def cmd_delete(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(f"deleted memory {args.name}")
     return {"deleted": args.name}
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .evals.config import load_config
+    from .evals.run import run_eval
+
+    config = load_config(args.config, args.set)
+    out = args.out or Path("eval-out") / args.config.stem
+    outcome = run_eval(config, out=out, limit=args.limit, echo=None if args.json else print)
+    report = out / "report.md"
+    if not args.json:
+        print(f"report: {report}")
+    return {
+        "out": str(out),
+        "report": str(report),
+        "written": outcome.written,
+        "skipped": outcome.skipped,
+        "failed": outcome.failed,
+    }
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -54,3 +54,78 @@ def combine_prompt(window_answers: Sequence[tuple[str, str]], query: str) -> Pro
         for i, (label, answer) in enumerate(window_answers)
     ]
     return Prompt(MEMORY_SYSTEM, COMBINE_INTRO, parts, READ_QUERY.format(query=query.strip()))
+
+
+# The M3-Agent controller (ByteDance-Seed/m3-agent, m3_agent/control.py), verbatim: the system
+# message, the instruction appended to the last user message before every generation, the suffix
+# that forces an answer in the last round, and the search-result turns.
+
+M3_SYSTEM = (
+    "You are given a question and some relevant knowledge. Your task is to reason about whether the "
+    "provided knowledge is sufficient to answer the question. If it is sufficient, output [Answer] "
+    "followed by the answer. If it is not sufficient, output [Search] and generate a query that will "
+    "be encoded into embeddings for a vector similarity search. The query will help retrieve "
+    "additional information from a memory bank.\n\nQuestion: {question}"
+)
+
+M3_INSTRUCTION = (
+    "\n\nOutput the answer in the format:\n"
+    "Action: [Answer] or [Search]\n"
+    "Content: {content}\n\n"
+    "If the answer cannot be derived yet, the {content} should be a single search query that would help "
+    "retrieve the missing information. The search {content} needs to be different from the previous.\n"
+    "You can get the mapping relationship between character ID and name by using search query such as: "
+    '"What is the name of <character_{i}>" or "What is the character id of {name}".\n'
+    "After obtaining the mapping, it is best to use character ID instead of name for searching.\n"
+    "If the answer can be derived from the provided knowledge, the {content} is the specific answer to "
+    "the question. Only name can appear in the answer, not character ID like <character_{i}>."
+)
+
+M3_LAST_ROUND = (
+    "\n(The Action of this round must be [Answer]. If there is insufficient information, "
+    "you can make reasonable guesses.)"
+)
+
+M3_KNOWLEDGE = "Searched knowledge: "
+
+M3_EMPTY_RESULT = "\n(The search result is empty. Please try searching from another perspective.)"
+
+
+def m3_system(question: str) -> str:
+    return M3_SYSTEM.format(question=question)
+
+
+# M3-Bench's judge (mmagent/prompts.py `prompt_agent_verify_answer_referencing`, sent by
+# control.py's eval_answer with this system message), verbatim, tabs and bullets included.
+
+JUDGE_SYSTEM = "You are an expert in video understanding."
+
+JUDGE_PROMPT = (
+    "You are provided with a question, a ground truth answer, and an answer from an agent model. Your "
+    "task is to determine whether the ground truth answer can be logically inferred from the agent's "
+    "answer, in the context of the question.\n\n"
+    "Do not directly compare the surface forms of the agent answer and the ground truth answer. "
+    "Instead, assess whether the meaning expressed by the agent answer supports or implies the ground "
+    'truth answer. If the ground truth can be reasonably derived from the agent answer, return "Yes". '
+    'If it cannot, return "No".\n\n'
+    "Important notes:\n"
+    "\t•\tDo not require exact wording or matching structure.\n"
+    "\t•\tSemantic inference is sufficient, as long as the agent answer entails or implies the meaning "
+    "of the ground truth answer, given the question.\n"
+    '\t•\tOnly return "Yes" or "No", with no additional explanation or formatting.\n\n'
+    "Input fields:\n"
+    "\t•\tquestion: the question asked\n"
+    "\t•\tground_truth_answer: the correct answer\n"
+    "\t•\tagent_answer: the model's answer to be evaluated\n\n"
+    "Now evaluate the following input:\n\n"
+    "Input:\n"
+    "\t•\tquestion: {question}\n"
+    "\t•\tground_truth_answer: {ground_truth_answer}\n"
+    "\t•\tagent_answer: {agent_answer}\n\n"
+    "Output ('Yes' or 'No'):"
+)
+
+
+def judge_messages(question: str, gold: str, prediction: str) -> list[dict[str, str]]:
+    user = JUDGE_PROMPT.format(question=question, ground_truth_answer=gold, agent_answer=prediction)
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]

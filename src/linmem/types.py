@@ -92,3 +92,32 @@ class Answer:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One message of a controller dialogue (see `linmem.agent`), exactly as the model saw it.
+
+    `role` is "system", "user" or "assistant". An assistant turn carries the parsed `action`
+    ("answer", "search", or "invalid" for a turn that follows neither format), the controller's
+    `tokens` and `seconds`. A user turn that carries a search result holds the `query` searched
+    (None when the controller gave none: an empty search), the reader's `answer` text, the `clips` it
+    returned or cited, and the reader's `tokens` and `seconds`.
+    """
+
+    role: str
+    content: str
+    action: str | None = None
+    query: str | None = None
+    answer: str | None = None
+    clips: tuple[int, ...] = ()
+    tokens: Tokens | None = None
+    seconds: float | None = None
+
+    def message(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["clips"] = list(self.clips)
+        return d

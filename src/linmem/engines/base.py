@@ -48,7 +48,8 @@ class Generation:
 
 @runtime_checkable
 class Engine(Protocol):
-    """A language model that completes a `Prompt` from scratch (no state kept between calls)."""
+    """A language model that completes a `Prompt`, or any chat, from scratch (no state kept
+    between calls)."""
 
     id: str
     context_length: int | None
@@ -57,6 +58,19 @@ class Engine(Protocol):
 
     def count_tokens(self, prompt: Prompt) -> int | None:
         """Prompt length in tokens, or None when the engine cannot count locally."""
+        ...
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Generation:
+        """Complete a free-form multi-turn chat (``[{"role": ..., "content": ...}, ...]``), for a
+        controller or a judge. Greedy at temperature 0; otherwise sampled, with `seed` making the
+        sample reproducible. `memory_tokens` is None: a chat has no memory prefix."""
         ...
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import ContextOverflow, ModelUnavailable
+from ..errors import BadInput, ContextOverflow, ModelUnavailable
 from .base import Generation, Prompt, strip_think
 
 # transformers routes linear-attention kernels to fla / causal-conv1d / mamba-ssm whenever they are
@@ -182,12 +182,31 @@ class HFEngine:
 
     def greedy(self, cache: Any, logits: Any, max_new_tokens: int) -> list[int]:
         """Greedy decoding from the logits of the last prompt position; stops at an end token."""
+        return self._decode_loop(cache, logits, max_new_tokens, lambda row: int(row.argmax()))
+
+    def sample(
+        self, cache: Any, logits: Any, max_new_tokens: int, *, temperature: float, seed: int
+    ) -> list[int]:
+        """Temperature sampling, reproducible: a private generator seeded with `seed`."""
+        import torch
+
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+
+        def pick(row: Any) -> int:
+            probs = torch.softmax(row.float() / temperature, dim=-1)
+            return int(torch.multinomial(probs, 1, generator=generator))
+
+        return self._decode_loop(cache, logits, max_new_tokens, pick)
+
+    def _decode_loop(
+        self, cache: Any, logits: Any, max_new_tokens: int, pick: Callable[[Any], int]
+    ) -> list[int]:
         import torch
 
         out: list[int] = []
         with torch.inference_mode():
             for _ in range(max_new_tokens):
-                token = int(logits[0, -1].argmax())
+                token = pick(logits[0, -1])
                 if token in self.stop_ids:
                     break
                 out.append(token)
@@ -223,6 +242,40 @@ class HFEngine:
         return Generation(
             text=self.decode(out),
             memory_tokens=len(memory),
+            processed=len(ids),
+            cached=0,
+            generated=len(out),
+            prefill_s=t1 - t0,
+            generate_s=t2 - t1,
+        )
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Generation:
+        """A multi-turn chat from scratch: the chat template (with the generation prompt), one
+        prefill, then greedy decoding, or sampling when `temperature` > 0. Thinking is off in
+        templates that have the switch, as for reads."""
+        if temperature < 0:
+            raise BadInput(f"temperature must be >= 0, found {temperature!r}")
+        ids = self.encode(_apply_template(self.tokenizer, messages))
+        self.check_fits(len(ids), max_new_tokens, what="the chat")
+        cache = self.new_cache()
+        t0 = time.perf_counter()
+        logits = self.advance(cache, ids)
+        t1 = time.perf_counter()
+        if temperature == 0:
+            out = self.greedy(cache, logits, max_new_tokens)
+        else:
+            out = self.sample(cache, logits, max_new_tokens, temperature=temperature, seed=seed)
+        t2 = time.perf_counter()
+        return Generation(
+            text=self.decode(out),
+            memory_tokens=None,
             processed=len(ids),
             cached=0,
             generated=len(out),

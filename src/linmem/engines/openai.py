@@ -28,12 +28,13 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from ..errors import ContextOverflow, EngineError, ModelUnavailable, UnknownSpec
+from ..errors import BadInput, ContextOverflow, EngineError, ModelUnavailable, UnknownSpec
 from .base import Generation, Prompt, strip_think
 
 log = logging.getLogger(__name__)
@@ -131,14 +132,36 @@ class OpenAIEngine:
         return cls(url, model.strip() or None, **options)
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int) -> Generation:
+        gen = self._complete(prompt.messages(), max_new_tokens, temperature=0)
+        return replace(gen, memory_tokens=self._count(prompt.memory_text))
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Generation:
+        """A multi-turn chat, sent as is. A sampled request (`temperature` > 0) carries `seed`,
+        which vLLM and SGLang honour per request."""
+        if temperature < 0:
+            raise BadInput(f"temperature must be >= 0, found {temperature!r}")
+        return self._complete(messages, max_new_tokens, temperature, seed if temperature > 0 else None)
+
+    def _complete(
+        self, messages: list[dict[str, str]], max_new_tokens: int, temperature: float, seed: int | None = None
+    ) -> Generation:
         url = f"{self.base_url}/chat/completions"
-        body = {
+        body: dict[str, Any] = {
             "model": self.model,
-            "messages": prompt.messages(),
-            "temperature": 0,
+            "messages": messages,
+            "temperature": temperature,
             "max_tokens": max_new_tokens,
             "stream": False,
         }
+        if seed is not None:
+            body["seed"] = seed
         resp, seconds = self._send("POST", url, body)
         if resp.is_error:
             raise self._chat_error(resp, url, max_new_tokens)
@@ -153,7 +176,7 @@ class OpenAIEngine:
         cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         return Generation(
             text=strip_think(message.get("content") or ""),
-            memory_tokens=self._count(prompt.memory_text),
+            memory_tokens=None,
             processed=max(0, prompt_tokens - cached),
             cached=cached,
             generated=generated,

@@ -88,9 +88,13 @@ class EmbeddingReader:
             self._embedder = load_embedder(self._spec)
         return self._embedder
 
-    def read(self, query: str) -> Answer:
-        """The `top_k` best clips (and unclipped items) scoring at least `threshold`."""
-        return self._answer(query, self.top_k, clips_only=False)
+    def read(self, query: str, *, exclude_clips: Iterable[int] = ()) -> Answer:
+        """The `top_k` best clips (and unclipped items) scoring at least `threshold`.
+
+        Clips in `exclude_clips` (e.g. those a dialogue has already shown) are skipped before the
+        top `top_k` are taken, so the answer holds the best clips not yet seen.
+        """
+        return self._answer(query, self.top_k, clips_only=False, exclude=frozenset(exclude_clips))
 
     def rank(self, query: str, k: int = 5) -> Answer:
         """The `k` best clip ids by score, best first (ties: lower clip id), no threshold."""
@@ -113,7 +117,9 @@ class EmbeddingReader:
             except (LinmemError, sqlite3.Error, OSError) as e:
                 log.warning("embedding new items deferred to the next read: %s", e)
 
-    def _answer(self, query: str, k: int, *, clips_only: bool) -> Answer:
+    def _answer(
+        self, query: str, k: int, *, clips_only: bool, exclude: frozenset[int] = frozenset()
+    ) -> Answer:
         if not isinstance(query, str) or not query.strip():
             raise BadInput(f"query must be a non-empty string, found {query!r}")
         start = time.perf_counter()
@@ -128,7 +134,7 @@ class EmbeddingReader:
             query_start = time.perf_counter()
             q = self.embedder.embed([query])[0]
             query_tokens = self.embedder.count_tokens([query])[0]
-            hits = self._search(vectors, q, k, clips_only=clips_only)
+            hits = self._search(vectors, q, k, clips_only=clips_only, exclude=exclude)
             timings = Timings(
                 total_s=time.perf_counter() - start,
                 prefill_s=work.embed_s,
@@ -155,7 +161,7 @@ class EmbeddingReader:
         return EmptyMemory(f"memory {self.memory.name!r} has no items to search: write some first")
 
     def _search(
-        self, vectors: _Vectors, q: np.ndarray, k: int, *, clips_only: bool
+        self, vectors: _Vectors, q: np.ndarray, k: int, *, clips_only: bool, exclude: frozenset[int]
     ) -> list[tuple[Hit, list[Item]]]:
         units = vectors.units()
         line_scores = vectors.matrix() @ q
@@ -166,6 +172,8 @@ class EmbeddingReader:
             order = order[units.clip[order] >= 0]
         else:
             order = order[scores[order] >= self.threshold]
+        if exclude:
+            order = order[~np.isin(units.clip[order], list(exclude))]
         return [self._hit(vectors, units, int(u), float(scores[u])) for u in order[:k]]
 
     @staticmethod

@@ -1,0 +1,311 @@
+"""`linmem eval CONFIG`: run an experiment config, resumably, and write its report.
+
+Results go to ``OUT/results.jsonl``, one line per (task, system, example), flushed as they come;
+a rerun skips what is there. Memories are built under ``OUT/home``: examples that read growing
+prefixes of one source (M3-Bench robot questions asked at increasing times) share one memory that
+only grows, so each clip is written once and state snapshots are extended, not rebuilt.
+
+Everything that can be checked before the run starts (the config, the annotation files, every
+memory file the selected examples need) is checked first: bad input fails before a results file
+exists. An engine failure (an unreachable endpoint) is not recorded, so a rerun retries it; a
+memory that does not fit a model's context is a recorded outcome and counts as a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInput, ContextOverflow, EmptyMemory, EngineError
+from ..memory import Memory, open_memory
+from ..types import Item
+from .config import Config, SystemConfig, TaskConfig
+from .tasks.base import Example, Task
+
+RESULTS = "results.jsonl"
+
+
+@dataclass
+class Outcome:
+    """What a run did: records written now, records found from earlier runs, failures to retry."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: int = 0
+    out: Path | None = None
+
+
+def run_eval(
+    config: Config,
+    *,
+    out: Path,
+    limit: int | None = None,
+    progress: bool | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> Outcome:
+    """Run every (task, system, example) of `config` not yet in `out`, then write the report."""
+    from .tasks import load_task
+
+    say = echo or (lambda _msg: None)
+    tasks = [(tc, load_task(tc.name, **tc.options)) for tc in config.tasks]
+    plan = [(tc, task, select(task, limit)) for tc, task in tasks]
+    for _, task, examples in plan:
+        _prefetch_memories(task, examples)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(config.text, encoding="utf-8")
+    results = out / RESULTS
+    done = finished(results)
+    outcome = Outcome(out=out)
+    jobs = []
+    for tc, task, examples in plan:
+        todo = [e for e in examples if any((tc.label, s.name, e.id) not in done for s in config.systems)]
+        outcome.skipped += sum((tc.label, s.name, e.id) in done for e in examples for s in config.systems)
+        for source, group in _by_source(todo).items():
+            jobs.append((tc, task, source, group))
+    total = sum(len(g) * len(config.systems) for *_, g in jobs)
+    writer = _Writer(results)
+    bar = _bar(total, progress)
+    evaluator = Evaluator(config, out / "home", done, writer, bar)
+    workers = config.run.get("concurrency", 4) if _all_remote(config) else 1
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for result in pool.map(lambda job: evaluator.run_group(*job), jobs):
+            outcome.written += result[0]
+            outcome.failed += result[1]
+    if bar is not None:
+        bar.close()
+    from .report import write_report
+
+    write_report(config, out)
+    say(f"{outcome.written} results written, {outcome.skipped} already there, {outcome.failed} failed")
+    return outcome
+
+
+def select(task: Task, limit: int | None) -> list[Example]:
+    """The examples to run: all, or the first `limit` of each group (each context length, budget
+    or other first type label for synthetic tasks; the whole task for QA)."""
+    examples = list(task)
+    if limit is None:
+        return examples
+    counts: dict[str, int] = defaultdict(int)
+    chosen = []
+    for e in examples:
+        group = "" if e.kind == "qa" else (e.types[0] if e.types else "")
+        if counts[group] < limit:
+            counts[group] += 1
+            chosen.append(e)
+    return chosen
+
+
+def finished(results: Path) -> set[tuple[str, str, str]]:
+    """Keys of the records already written; a torn last line (a crash mid-write) is ignored."""
+    done = set()
+    if results.is_file():
+        for line in results.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done.add((r["task"], r["system"], r["id"]))
+    return done
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    records = []
+    path = out / RESULTS
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _prefetch_memories(task: Task, examples: Iterable[Example]) -> None:
+    # Reads (and so validates) every memory file the run needs before anything is written.
+    for source in dict.fromkeys(e.source for e in examples):
+        task.items(source)
+
+
+def _by_source(examples: list[Example]) -> dict[str, list[Example]]:
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        groups[e.source].append(e)
+    for group in groups.values():
+        group.sort(key=lambda e: (e.upto is None, e.upto or 0))
+    return dict(groups)
+
+
+def _all_remote(config: Config) -> bool:
+    specs = [s.options.get("model") for s in config.systems if s.backend == "lm"]
+    specs += [(config.agent or {}).get("controller"), (config.judge or {}).get("model")]
+    return all(spec is None or str(spec).startswith("openai:") for spec in specs)
+
+
+class _Writer:
+    """Appends records as JSON lines, one writer at a time, flushed after each line."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+
+class Evaluator:
+    """Runs the examples of one source for every system, on a memory that only grows."""
+
+    def __init__(
+        self, config: Config, home: Path, done: set[tuple[str, str, str]], writer: _Writer, bar: Any
+    ):
+        self.config = config
+        self.home = home
+        self.done = done
+        self.writer = writer
+        self.bar = bar
+        self._judge: Any = None
+
+    def run_group(self, tc: TaskConfig, task: Task, source: str, examples: list[Example]) -> tuple[int, int]:
+        written = failed = 0
+        memory = open_memory(_memory_name(tc.label, source), home=self.home, create=True)
+        try:
+            for _, batch in _by_upto(examples):
+                _ensure(memory, task.memory(batch[0]))
+                for system in self.config.systems:
+                    for example in batch:
+                        if (tc.label, system.name, example.id) in self.done:
+                            continue
+                        record = self._one(tc, task, memory, system, example)
+                        if record is None:
+                            failed += 1
+                        else:
+                            self.writer.write(record)
+                            written += 1
+                        if self.bar is not None:
+                            self.bar.update(1)
+        finally:
+            memory.close()
+        return written, failed
+
+    def _one(
+        self, tc: TaskConfig, task: Task, memory: Memory, system: SystemConfig, example: Example
+    ) -> dict[str, Any] | None:
+        from .score import score
+
+        record: dict[str, Any] = {
+            "task": tc.label,
+            "system": system.name,
+            "id": example.id,
+            "kind": example.kind,
+            "types": list(example.types),
+            "question": example.question,
+            "gold": example.answer,
+            "gold_clips": list(example.gold_clips),
+            "meta": example.meta,
+        }
+        try:
+            reader = memory.reader(system.backend, **self._reader_options(system))
+            record |= score(example, reader, self.config, self._get_judge(), task_name=tc.name)
+        except (ContextOverflow, EmptyMemory) as e:
+            record |= {"error": {"code": e.code, "message": str(e)}, "metrics": _misses(example, self.config)}
+        except EngineError as e:
+            print(f"linmem eval: {system.name} on {example.id}: {e} (will retry on rerun)", file=sys.stderr)
+            return None
+        return record
+
+    def _reader_options(self, system: SystemConfig) -> dict[str, Any]:
+        options = dict(system.options)
+        if system.memory_budget_mb is not None and system.backend == "lm":
+            from ..engines import load_engine
+
+            cap = tokens_under_budget(load_engine(options.get("model")), system.memory_budget_mb * 2**20)
+            options["context_length"] = min(cap, options.get("context_length") or cap)
+        return options
+
+    def _get_judge(self) -> Any:
+        if self.config.judge and self._judge is None:
+            from .judge import Judge
+
+            self._judge = Judge(self.config.judge["model"])
+        return self._judge
+
+
+def _misses(example: Example, config: Config) -> dict[str, float]:
+    from .score import empty_metrics
+
+    return empty_metrics(example, config)
+
+
+def _by_upto(examples: list[Example]) -> list[tuple[int | None, list[Example]]]:
+    batches: list[tuple[int | None, list[Example]]] = []
+    for e in examples:
+        if batches and batches[-1][0] == e.upto:
+            batches[-1][1].append(e)
+        else:
+            batches.append((e.upto, [e]))
+    return batches
+
+
+def _memory_name(label: str, source: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{label}-{source}").strip("._-")[:40] or "m"
+    digest = hashlib.sha256(f"{label}\0{source}".encode()).hexdigest()[:10]
+    return f"{readable}-{digest}"
+
+
+def _ensure(memory: Memory, items: list[Item]) -> None:
+    """Make the memory hold exactly `items`: append when it holds a prefix, else rewrite it."""
+    have = memory.items()
+    key = [(i.text, i.clip, i.time, i.source) for i in items]
+    current = [(i.text, i.clip, i.time, i.source) for i in have]
+    if current == key[: len(current)]:
+        if len(current) < len(key):
+            memory.write(items[len(current) :])
+        return
+    memory.clear()
+    memory.write(items)
+
+
+def tokens_under_budget(engine: Any, budget_bytes: float) -> int:
+    """The longest memory whose model cache fits `budget_bytes`, from two measured prefills.
+
+    A cache costs a constant (linear-attention states) plus a per-token amount (attention keys
+    and values); both are measured on this model, so the cap is the model's own, not a guess.
+    """
+    if not hasattr(engine, "cache_to_tensors"):
+        raise BadInput(f"{engine.id}: memory_budget_mb needs a local model (hf: or tiny:)")
+    sizes = []
+    for n in (96, 224):
+        cache = engine.new_cache()
+        engine.advance(cache, [engine.stop_ids and min(engine.stop_ids) or 0] * n)
+        tensors, _ = engine.cache_to_tensors(cache)
+        sizes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+    per_token = (sizes[1] - sizes[0]) / 128
+    constant = sizes[0] - 96 * per_token
+    limit = engine.context_length or 10**9
+    if per_token <= 0:
+        return int(limit) if budget_bytes >= constant else 0
+    return int(max(0, min(limit, (budget_bytes - constant) // per_token)))
+
+
+def _bar(total: int, progress: bool | None) -> Any:
+    if progress is False or (progress is None and not sys.stderr.isatty()) or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="ex", desc="eval")
+
+
+__all__ = ["Outcome", "load_records", "run_eval", "select", "tokens_under_budget"]

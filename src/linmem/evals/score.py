@@ -1,0 +1,113 @@
+"""Scoring one example with one reader: what was asked, what came back, and its metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..types import Answer
+from . import metrics as M
+from .config import Config
+from .tasks.base import Example
+
+
+def score(example: Example, reader: Any, config: Config, judge: Any, *, task_name: str) -> dict[str, Any]:
+    """Run `example` against `reader` and score it by its kind."""
+    if example.kind == "retrieval":
+        return _retrieval(example, reader, config)
+    if example.kind == "qa" and config.agent:
+        from ..agent import Agent
+
+        trace = Agent(reader, **config.agent).run(example.question)
+        prediction = trace.answer
+        rt = trace.reader_tokens
+        result: dict[str, Any] = {
+            "prediction": prediction,
+            "trace": trace.to_dict(),
+            "model": trace.reader,
+            "tokens": {
+                "memory": rt.memory,
+                "processed": rt.processed,
+                "cached": rt.cached,
+                "generated": rt.generated,
+            },
+            "timings": {
+                "total_s": trace.total_s,
+                "controller_s": trace.controller_s,
+                "reader_s": trace.reader_s,
+            },
+        }
+    else:
+        answer = reader.read(example.question)
+        prediction = answer.text
+        result = {"prediction": prediction, "clips": list(answer.clips)} | _accounting(answer)
+    metrics: dict[str, float] = {}
+    if example.kind == "qa":
+        metrics |= _qa_metrics(example, prediction, task_name)
+    else:
+        metrics["keyword_recall"] = M.keyword_recall(prediction or "", example.keywords)
+        metrics["keyword_accuracy"] = M.keyword_accuracy(prediction or "", example.keywords)
+    if judge is not None and example.answer is not None:
+        verdict = judge.evaluate(example.question, example.answer, prediction)
+        metrics["judge"] = float(verdict.correct)
+        result["judge_raw"] = verdict.raw
+    return result | {"metrics": metrics}
+
+
+def _retrieval(example: Example, reader: Any, config: Config) -> dict[str, Any]:
+    top = max(config.k)
+    answer = reader.rank(example.question, top)
+    ranked, gold = list(answer.clips), list(example.gold_clips)
+    metrics = {f"hit@{k}": M.exact_hit(ranked, gold, k) for k in config.k}
+    metrics |= {f"recall@{k}": M.recall_at_k(ranked, gold, k) for k in config.k}
+    metrics |= {"near_hit": M.near_hit(ranked, gold, top), "mrr": M.reciprocal_rank(ranked, gold)}
+    return {"prediction": answer.text[:2000], "clips": ranked, "metrics": metrics} | _accounting(answer)
+
+
+def _qa_metrics(example: Example, prediction: str | None, task_name: str) -> dict[str, float]:
+    gold = example.answer or ""
+    text = prediction or ""
+    category = _category(example)
+    if task_name == "locomo" and category is not None:
+        f1 = M.locomo_f1(text, gold, category)
+    else:
+        f1 = M.token_f1(text, gold)
+    return {"answered": float(prediction is not None), "em": M.exact_match(text, gold), "f1": f1}
+
+
+def _category(example: Example) -> int | None:
+    for t in example.types:
+        if t.startswith("category "):
+            return int(t.split()[1])
+    return None
+
+
+def _accounting(answer: Answer) -> dict[str, Any]:
+    t, tm = answer.tokens, answer.timings
+    return {
+        "model": answer.model,
+        "tokens": {
+            "memory": t.memory,
+            "processed": t.processed,
+            "cached": t.cached,
+            "generated": t.generated,
+        },
+        "timings": {
+            "total_s": tm.total_s,
+            "prefill_s": tm.prefill_s,
+            "query_s": tm.query_s,
+            "generate_s": tm.generate_s,
+        },
+    }
+
+
+def empty_metrics(example: Example, config: Config) -> dict[str, float]:
+    """The metrics of an example that could not be read at all: every one a miss."""
+    if example.kind == "retrieval":
+        names = [f"hit@{k}" for k in config.k] + [f"recall@{k}" for k in config.k] + ["near_hit", "mrr"]
+    elif example.kind == "qa":
+        names = ["answered", "em", "f1"]
+    else:
+        names = ["keyword_recall", "keyword_accuracy"]
+    if config.judge and example.answer is not None:
+        names.append("judge")
+    return dict.fromkeys(names, 0.0)
