@@ -17,6 +17,7 @@ from linmem.embedders import (
     DEFAULT_EMBEDDER,
     Embedder,
     HashEmbedder,
+    MemoEmbedder,
     OpenAIEmbedder,
     SentenceTransformerEmbedder,
     _split_total,
@@ -94,7 +95,7 @@ def summary(answer: Answer) -> list[tuple[int | None, float, tuple[int, ...]]]:
 
 
 def test_default_embedder_is_packaged_minilm_loaded_once(minilm: Embedder) -> None:
-    assert isinstance(minilm, SentenceTransformerEmbedder)
+    assert isinstance(minilm, MemoEmbedder) and isinstance(minilm.inner, SentenceTransformerEmbedder)
     assert minilm.id == DEFAULT_EMBEDDER and minilm.dim == 384
     for alias in ("minilm", "st:all-MiniLM-L6-v2", "st:sentence-transformers/all-MiniLM-L6-v2"):
         assert load_embedder(alias) is minilm
@@ -412,7 +413,7 @@ def test_openai_embedder_batches_and_normalises() -> None:
     texts = [f"note number {i} about the garden" for i in range(300)]
     with OpenAIServer(embed=server_vectors) as server:
         embedder = load_embedder(f"openai:{server.url}#emb-model")
-        assert isinstance(embedder, OpenAIEmbedder)
+        assert isinstance(embedder, MemoEmbedder) and isinstance(embedder.inner, OpenAIEmbedder)
         assert embedder.id == f"openai:{server.url}#emb-model"
         vectors = embedder.embed(texts)
     np.testing.assert_allclose(vectors, HashEmbedder(48).embed(texts), atol=1e-6)
@@ -453,3 +454,30 @@ def test_usage_total_is_split_exactly_by_length() -> None:
     counts = _split_total(10, ["a" * 10, "b" * 30, "c"])
     assert sum(counts) == 10 and counts[1] > counts[0] >= counts[2]
     assert _split_total(None, ["a", "b"]) == [0, 0]
+
+
+def test_memo_embedder_embeds_each_text_once_and_agrees() -> None:
+    inner = HashEmbedder(64)
+    calls: list[int] = []
+
+    class Counting:
+        id, dim = inner.id, inner.dim
+
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            calls.append(len(texts))
+            return inner.embed(texts)
+
+        def count_tokens(self, texts):  # type: ignore[no-untyped-def]
+            return inner.count_tokens(texts)
+
+    memo = MemoEmbedder(Counting(), capacity=3)
+    texts = ["a b", "c d", "a b", "e f"]
+    np.testing.assert_array_equal(memo.embed(texts), inner.embed(texts))
+    assert calls == [3]  # duplicates within a batch are embedded once
+    np.testing.assert_array_equal(memo.embed(["c d", "e f"]), inner.embed(["c d", "e f"]))
+    assert calls == [3]
+    memo.embed(["g h", "a b"])  # capacity 3: the least recently used, "c d", makes room
+    assert calls == [3, 1]
+    memo.embed(["a b", "c d"])
+    assert calls == [3, 1, 1]
+    assert memo.count_tokens(texts) == inner.count_tokens(texts)

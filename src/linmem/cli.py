@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--out", type=Path, help="results folder (default eval-out/<config name>)")
     e.add_argument(
+        "--offline",
+        action="store_true",
+        help="swap every remote model for a local stand-in (tiny models, hash embedder): a smoke run",
+    )
+    e.add_argument(
         "--set",
         action="append",
         default=[],
@@ -332,6 +337,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .evals.run import run_eval
 
     config = load_config(args.config, args.set)
+    if args.offline:
+        from .evals.config import offline
+
+        config = offline(config)
     out = args.out or Path("eval-out") / args.config.stem
     outcome = run_eval(config, out=out, limit=args.limit, echo=None if args.json else print)
     report = out / "report.md"

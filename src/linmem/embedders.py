@@ -322,7 +322,7 @@ def load_embedder(spec: str | None = None) -> Embedder:
     key = canonical_spec(spec)
     with _loading:
         if key not in _loaded:
-            _loaded[key] = _build(key)
+            _loaded[key] = MemoEmbedder(_build(key))
         return _loaded[key]
 
 
@@ -337,6 +337,49 @@ def canonical_spec(spec: str | None) -> str:
     if scheme == "hash" and not rest:
         return "hash:256"
     return spec
+
+
+class MemoEmbedder:
+    """An embedder that remembers the vectors of texts it has embedded (by sha256 of the text,
+    least recently used first out), so a text shared by many memories is embedded once per
+    process: evaluations that assemble thousands of memories from the same clips rely on it."""
+
+    def __init__(self, inner: Embedder, capacity: int = 200_000) -> None:
+        self.inner = inner
+        self.capacity = capacity
+        self._vectors: OrderedDict[bytes, tuple[np.ndarray, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def id(self) -> str:
+        return self.inner.id
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([v for v, _ in self._lookup(texts)]) if texts else np.zeros((0, self.dim), np.float32)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [n for _, n in self._lookup(texts)]
+
+    def _lookup(self, texts: Sequence[str]) -> list[tuple[np.ndarray, int]]:
+        keys = [hashlib.sha256(t.encode("utf-8")).digest() for t in texts]
+        with self._lock:
+            found = {k: self._vectors[k] for k in keys if k in self._vectors}
+        missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in found}
+        if missing:
+            batch = list(missing.values())
+            vectors, counts = self.inner.embed(batch), self.inner.count_tokens(batch)
+            found |= {k: (v, n) for k, v, n in zip(missing, vectors, counts, strict=True)}
+        with self._lock:
+            for k in keys:  # most recently used last; what this call needs is never evicted by it
+                self._vectors[k] = found[k]
+                self._vectors.move_to_end(k)
+            while len(self._vectors) > self.capacity:
+                self._vectors.popitem(last=False)
+        return [found[k] for k in keys]
 
 
 def _build(spec: str) -> Embedder:
@@ -356,6 +399,7 @@ __all__ = [
     "DEFAULT_EMBEDDER",
     "Embedder",
     "HashEmbedder",
+    "MemoEmbedder",
     "OpenAIEmbedder",
     "SentenceTransformerEmbedder",
     "canonical_spec",

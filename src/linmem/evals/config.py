@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,8 @@ class Config:
     agent: dict[str, Any] | None
     judge: dict[str, Any] | None
     run: dict[str, Any] = field(default_factory=dict)
+    # How this run departs from the file's text (--set overrides, --offline): shown in reports.
+    changes: tuple[str, ...] = ()
 
     @property
     def k(self) -> tuple[int, ...]:
@@ -107,7 +109,41 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     for item in overrides or []:
         _override(raw, item, path)
     raw = _expand(raw, path.parent)
-    return _check(raw, path, text)
+    return replace(_check(raw, path, text), changes=tuple(f"--set {o}" for o in overrides or []))
+
+
+OFFLINE_LM = "tiny:qwen3.5"
+OFFLINE_CONTROLLER = "tiny:qwen3"
+OFFLINE_EMBEDDER = "hash"
+
+
+def offline(config: Config) -> Config:
+    """The same experiment with every remote model swapped for a local stand-in: LM readers
+    become tiny:qwen3.5, the controller and the judge tiny:qwen3, remote embedders the hash
+    embedder. The numbers are noise; the run proves the pipeline end to end without servers."""
+
+    def swap(spec: Any, local: str) -> Any:
+        return local if isinstance(spec, str) and spec.startswith("openai:") else spec
+
+    systems = []
+    for s in config.systems:
+        options = dict(s.options)
+        if s.backend == "lm":
+            options["model"] = swap(options.get("model") or "openai:", OFFLINE_LM)
+            options.setdefault("max_new_tokens", 32)
+        elif "embedder" in options:
+            options["embedder"] = swap(options["embedder"], OFFLINE_EMBEDDER)
+        systems.append(SystemConfig(s.name, s.backend, options, s.memory_budget_mb))
+    agent = dict(config.agent) if config.agent else None
+    if agent:
+        agent["controller"] = swap(agent.get("controller"), OFFLINE_CONTROLLER)
+        agent.setdefault("max_new_tokens", 48)
+    judge = {"model": swap(config.judge["model"], OFFLINE_CONTROLLER)} if config.judge else None
+    note = (
+        f"--offline: remote LM readers replaced by {OFFLINE_LM}, the controller and judge by "
+        f"{OFFLINE_CONTROLLER}, remote embedders by {OFFLINE_EMBEDDER} (numbers are noise)"
+    )
+    return replace(config, systems=tuple(systems), agent=agent, judge=judge, changes=(*config.changes, note))
 
 
 def _override(raw: dict[str, Any], item: str, path: Path) -> None:

@@ -33,11 +33,19 @@ def write_report(config: Config, out: Path) -> Path:
         _provenance(config, records),
         body,
         *(f"![{p.stem}]({p.name})" for p in plots),
+        _changes(config),
         "## Config\n\n```toml\n" + config.text.strip() + "\n```",
     ]
     path = out / "report.md"
     path.write_text("\n\n".join(p for p in parts if p) + "\n", encoding="utf-8")
     return path
+
+
+def _changes(config: Config) -> str:
+    if not config.changes:
+        return ""
+    lines = "\n".join(f"- {c}" for c in config.changes)
+    return f"## Run with changes to the config below\n\n{lines}"
 
 
 def _provenance(config: Config, records: list[dict[str, Any]]) -> str:
@@ -298,6 +306,8 @@ def write_plots(config: Config, records: list[dict[str, Any]], out: Path) -> lis
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.scatter(xs, ys, s=8, label=s)
+            if min(ys) > 0 and max(ys) / min(ys) > 100:
+                ax.set_yscale("log")
     ax.set_xlabel("memory tokens")
     ax.set_ylabel("seconds per read")
     ax.legend(fontsize=8)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import sys
 import threading
 from collections import defaultdict
@@ -151,10 +152,21 @@ def _all_remote(config: Config) -> bool:
     return all(spec is None or str(spec).startswith("openai:") for spec in specs)
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a crash left without its newline, so new records start on a fresh line."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class _Writer:
     """Appends records as JSON lines, one writer at a time, flushed after each line."""
 
     def __init__(self, path: Path) -> None:
+        _drop_torn_tail(path)
         self._file = path.open("a", encoding="utf-8")
         self._lock = threading.Lock()
 
@@ -198,6 +210,9 @@ class Evaluator:
                             self.bar.update(1)
         finally:
             memory.close()
+            # A memory assembled for one synthetic example is never read again: free its disk.
+            if all(e.source == e.id for e in examples):
+                shutil.rmtree(memory.path, ignore_errors=True)
         return written, failed
 
     def _one(
