@@ -39,9 +39,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_table_has_a_config() -> None:
-    from linmem.evals.config import TABLES, load_config
-
     import os
+
+    from linmem.evals.config import TABLES, load_config
 
     os.environ.setdefault("LINMEM_DATA", "/nonexistent")
     tables = {load_config(c).table for c in CONFIGS}
