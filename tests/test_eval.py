@@ -304,3 +304,35 @@ max_new_tokens = 16
     assert (out / "accuracy_vs_context.png").stat().st_size > 1000
     assert main(["eval", str(path), "--set", "nonsense", "--json"]) == 1
     assert "expected dotted.key=value" in capsys.readouterr().out
+
+
+def test_graph_with_unknown_classes_fails_before_any_result(tmp_path: Path) -> None:
+    import pickle
+
+    annotations, _ = m3bench(tmp_path, videos=1)
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    marker = tmp_path / "ran"
+    # A pickle that would run a shell command if anything unpickled it naively.
+    payload = pickle.dumps(
+        type("Evil", (), {"__reduce__": lambda self: (__import__("os").system, (f"touch {marker}",))})()
+    )
+    (graphs / "kitchen_00.pkl").write_bytes(payload)
+    text = f"""
+title = "format"
+table = "memory_format"
+[[tasks]]
+label = "Structured"
+name = "m3bench"
+annotations = "{annotations}"
+memory = "graph"
+memory_dir = "{graphs}"
+[[systems]]
+name = "Embedding"
+backend = "embedding"
+embedder = "hash"
+"""
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match=r"kitchen_00.pkl.*refused to load (os|posix)\.system"):
+        run_eval(load_config(write_config(tmp_path, text)), out=out)
+    assert not (out / RESULTS).exists() and not marker.exists()

@@ -650,6 +650,31 @@ def test_clip_retrieval_other_sources(locomo_file: Path) -> None:
         assert len({tuple(t) for t in clips.values()}) == n  # N distinct clips
 
 
+def test_clip_retrieval_mixed_takes_own_source_first(locomo_file: Path) -> None:
+    # Sessions: conv-a 6, conv-b 4, conv-c 3.
+    task = load(
+        ClipRetrievalTask,
+        "clip_retrieval",
+        base="locomo",
+        path=str(locomo_file),
+        contexts=[3, 9],
+        distractors="mixed",
+        seed=5,
+    )
+    base = task.base
+    for e in task:
+        n, (source, clip) = e.meta["context"], e.meta["target"]
+        memory = task.memory(e)
+        clips = _clip_texts(memory)
+        assert list(clips) == list(range(n)) and len({tuple(t) for t in clips.values()}) == n
+        target_items = [i for i in memory if i.clip == e.gold_clips[0]]
+        assert [i.text for i in target_items] == [i.text for i in base.items(source) if i.clip == clip]
+        own = len({i.clip for i in base.items(source)})
+        from_own = {i.clip for i in memory if i.source == source}
+        # The target's own sessions come first: other conversations only fill what they cannot.
+        assert len(from_own) == min(n, own)
+
+
 def test_clip_retrieval_is_deterministic_per_seed(locomo_file: Path) -> None:
     def build(seed: int) -> list[tuple[Any, ...]]:
         task = load_task("clip_retrieval", base="locomo", path=str(locomo_file), contexts=[5], seed=seed)
