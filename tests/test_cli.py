@@ -72,9 +72,11 @@ def test_lm_reader_cached_and_stateless(capsys, items_file) -> None:
     assert any("random weights" in n for n in first["notes"])
     # A new process finds the snapshot on disk and processes only the question.
     assert "snapshot: loaded from disk" in second["notes"]
+    # The memory came from disk; the instruction after it is redone once per process (~150 tokens).
     assert second["tokens"]["cached"] == second["tokens"]["memory"]
     assert stateless["tokens"]["processed"] == first["tokens"]["processed"]
-    assert second["tokens"]["processed"] == stateless["tokens"]["processed"] - stateless["tokens"]["memory"]
+    assert second["tokens"]["processed"] + second["tokens"]["cached"] == stateless["tokens"]["processed"]
+    assert second["tokens"]["processed"] < 250
 
 
 def test_errors_are_clear_and_write_nothing(capsys, tmp_path) -> None:
@@ -148,7 +150,9 @@ def test_demo_runs_both_readers(capsys) -> None:
     code, out = run(capsys, "demo", "--model", "tiny:qwen3.5")
     assert code == 0 and out["items"] == 66
     assert [a["clips"][0] for a in out["embedding"]] == [6, 10, 11]
-    assert len(out["lm"]) == 3 and out["lm"][1]["tokens"]["cached"] == out["lm"][1]["tokens"]["memory"]
+    assert len(out["lm"]) == 3
+    second = out["lm"][1]["tokens"]
+    assert second["cached"] > second["memory"] and second["processed"] < 64
 
 
 def test_demo_without_default_model_explains(capsys) -> None:

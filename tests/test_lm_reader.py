@@ -99,7 +99,7 @@ def test_openai_engine_gets_the_same_prompt_with_a_stable_prefix() -> None:
     assert second["messages"][1]["content"].startswith(memory_prefix)
     assert first["messages"][0] == second["messages"][0]
     # The loopback server plays a prefix cache: the second read reports the shared prefix cached.
-    assert b.tokens.cached > 0 and b.tokens.processed < b.tokens.processed + b.tokens.cached
+    assert b.tokens.cached > 0
 
 
 def test_rank_parses_free_form_lists() -> None:
@@ -122,7 +122,7 @@ def test_hf_and_openai_prompts_agree_on_text() -> None:
         prompt.messages(), tokenize=False, add_generation_prompt=True
     )
     head, tail = engine.split(prompt)
-    assert templated == head + "".join(segments) + tail
+    assert templated == head + "".join(segments) + prompt.stem + tail
 
 
 def test_cached_reads_are_exact_on_fresh_random_memories() -> None:

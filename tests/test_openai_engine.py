@@ -28,7 +28,11 @@ def words(text: str) -> int:
 
 def prompt(query: str, memory: list[str] = MEMORY) -> Prompt:
     return Prompt(
-        system="You read memories.", intro="Memory:\n", memory=memory, query=f"\nQuestion: {query}\n"
+        system="You read memories.",
+        intro="Memory:\n",
+        memory=memory,
+        stem="\nAnswer briefly.\n",
+        query=f"Question: {query}\n",
     )
 
 

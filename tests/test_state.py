@@ -46,6 +46,12 @@ def store_for(engine, mem) -> SnapshotStore:
     return SnapshotStore(engine, mem.log, mem.cache_dir / "state", head)
 
 
+def query_tokens(question: str, spec: str = "tiny:qwen3.5") -> int:
+    """Tokens a cached read must process: the question and the chat template's closing."""
+    engine = load_engine(spec)
+    return len(engine.tail_ids(prompts.read_prompt([], question)))
+
+
 def stateless_logits(engine, prompt, keep: int) -> torch.Tensor:
     ids = engine.prompt_ids(prompt)
     return engine.advance(engine.new_cache(), ids, keep=keep, chunk=len(ids))
@@ -53,7 +59,9 @@ def stateless_logits(engine, prompt, keep: int) -> torch.Tensor:
 
 def snapshot_logits(engine, store, prompt, keep: int) -> torch.Tensor:
     snap, _ = store.get()
-    return engine.advance(engine.fork(snap.cache), engine.tail_ids(prompt), keep=keep)
+    cache = engine.fork(snap.cache)
+    engine.advance(cache, engine.stem_ids(prompt))
+    return engine.advance(cache, engine.tail_ids(prompt), keep=keep)
 
 
 def state_tensors(engine, cache) -> dict[str, torch.Tensor]:
@@ -145,8 +153,10 @@ def test_write_extends_snapshot_with_new_tokens_only() -> None:
     added = second.tokens.memory - first.tokens.memory
     assert added > 0
     # The write extended the snapshot; the read ran only its query.
-    assert second.tokens.cached == second.tokens.memory
-    assert second.tokens.processed == first.tokens.processed - first.tokens.memory
+    # Every prompt token is processed or cached; the read processed only its question.
+    assert second.tokens.processed + second.tokens.cached == first.tokens.processed + added
+    assert second.tokens.cached > second.tokens.memory
+    assert second.tokens.processed == query_tokens("q")
 
 
 def test_snapshot_survives_process_restart(linmem_home) -> None:
@@ -166,8 +176,9 @@ def test_snapshot_survives_process_restart(linmem_home) -> None:
     there = __import__("json").loads(out.stdout.strip().splitlines()[-1])
     assert there["answer"] == here.text
     assert "snapshot: loaded from disk" in there["notes"]
+    # The memory comes from disk; only the read's instruction and question are run.
     assert there["tokens"]["cached"] == here.tokens.memory
-    assert there["tokens"]["processed"] == here.tokens.processed - here.tokens.memory
+    assert there["tokens"]["processed"] + there["tokens"]["cached"] == here.tokens.processed
 
 
 def _flip(path, offset: int = -7) -> None:

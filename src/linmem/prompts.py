@@ -1,8 +1,9 @@
 """Every prompt text linmem sends to a model, in one place.
 
 The LM reader's prompts share one system message and one memory intro, so a single state snapshot
-(or server prefix-cache entry) serves reads, rankings and windowed reads alike; what differs goes
-after the memory, in the query part.
+(or server prefix-cache entry) serves reads, rankings and windowed reads alike. After the memory
+comes the fixed instruction of the kind of read (its "stem", also cached) and last the question,
+so a read processes only the question's few tokens.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ MEMORY_SYSTEM = (
 
 MEMORY_INTRO = "Memory:\n"
 
-READ_QUERY = (
-    "\nQuestion: {query}\n"
-    "Answer from the memory in a few sentences, citing clips as CLIP <id>. "
-    "If the memory does not contain the answer, say so."
+READ_STEM = (
+    "\nAnswer the question below from the memory in a few sentences, citing the clips you used as "
+    "CLIP <id>. If the memory does not contain the answer, say so.\n"
 )
+READ_QUERY = "Question: {query}"
 
-RANK_QUERY = (
-    "\nQuery: {query}\n"
-    "Which clips are most relevant to the query? List up to {k} clip ids, most relevant first, "
-    "in the form: CLIP <id>, CLIP <id>, ... Output only the list."
+RANK_STEM = (
+    "\nWhich clips are most relevant to the query below? List their ids, most relevant first, in "
+    "the form: CLIP <id>, CLIP <id>, ... Output only the list.\n"
 )
+RANK_QUERY = "Query: {query}\nList at most {k} clips."
 
 COMBINE_INTRO = (
     "The memory was too long to read at once, so it was read in windows. "
@@ -39,11 +40,11 @@ COMBINE_INTRO = (
 
 
 def read_prompt(memory: Sequence[str], query: str) -> Prompt:
-    return Prompt(MEMORY_SYSTEM, MEMORY_INTRO, memory, READ_QUERY.format(query=query.strip()))
+    return Prompt(MEMORY_SYSTEM, MEMORY_INTRO, memory, READ_STEM, READ_QUERY.format(query=query.strip()))
 
 
 def rank_prompt(memory: Sequence[str], query: str, k: int) -> Prompt:
-    return Prompt(MEMORY_SYSTEM, MEMORY_INTRO, memory, RANK_QUERY.format(query=query.strip(), k=k))
+    return Prompt(MEMORY_SYSTEM, MEMORY_INTRO, memory, RANK_STEM, RANK_QUERY.format(query=query.strip(), k=k))
 
 
 def combine_prompt(window_answers: Sequence[tuple[str, str]], query: str) -> Prompt:
@@ -53,7 +54,7 @@ def combine_prompt(window_answers: Sequence[tuple[str, str]], query: str) -> Pro
         f"[WINDOW {i + 1} | {label}]\n{answer.strip()}\n\n"
         for i, (label, answer) in enumerate(window_answers)
     ]
-    return Prompt(MEMORY_SYSTEM, COMBINE_INTRO, parts, READ_QUERY.format(query=query.strip()))
+    return Prompt(MEMORY_SYSTEM, COMBINE_INTRO, parts, READ_STEM, READ_QUERY.format(query=query.strip()))
 
 
 # The M3-Agent controller (ByteDance-Seed/m3-agent, m3_agent/control.py), verbatim: the system

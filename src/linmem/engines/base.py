@@ -2,8 +2,10 @@
 
 Every engine receives the same `Prompt`, so the text a model sees is identical across backends.
 The message layout is fixed: a system message, then one user message made of `intro`, the
-rendered memory and `query`, in that order, so the memory is a byte-identical prefix across
-reads of the same memory (which is what server-side prefix caches and our state snapshots key on).
+rendered memory, the `stem` (the fixed instruction of a kind of read) and the `query`, in that
+order. Everything before the query is the same for every read of one kind over one memory: a
+byte-identical prefix, which server-side prefix caches and our state snapshots reuse, so a read
+costs only its query's tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class Prompt:
     system: str
     intro: str
     memory: Sequence[str]
+    stem: str
     query: str
 
     @property
@@ -26,7 +29,7 @@ class Prompt:
 
     @property
     def user(self) -> str:
-        return self.intro + self.memory_text + self.query
+        return self.intro + self.memory_text + self.stem + self.query
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]

@@ -34,7 +34,8 @@ from .base import Generation, Prompt, strip_think
 _GPU_ONLY = ("fla", "causal_conv1d", "mamba_ssm")
 
 PREFILL_CHUNK = 2048
-_SENTINEL = "\ue000linmem-memory\ue000"
+_MEMORY = "\ue000linmem-memory\ue000"
+_QUERY = "\ue000linmem-query\ue000"
 
 
 def _device() -> str:
@@ -83,17 +84,21 @@ class HFEngine:
     # Prompt -> ids
 
     def split(self, prompt: Prompt) -> tuple[str, str]:
-        """The chat-templated prompt cut around the memory: (head through intro, tail from query)."""
-        key = (prompt.system, prompt.intro, prompt.query)
+        """The chat-templated prompt cut around the memory and the stem: (head through the intro,
+        tail from the query to the generation prompt)."""
+        key = (prompt.system, prompt.intro, prompt.stem, prompt.query)
         if key not in self._split_cache:
             messages = [
                 {"role": "system", "content": prompt.system},
-                {"role": "user", "content": prompt.intro + _SENTINEL + prompt.query},
+                {"role": "user", "content": prompt.intro + _MEMORY + prompt.stem + _QUERY + prompt.query},
             ]
             text = _apply_template(self.tokenizer, messages)
-            if text.count(_SENTINEL) != 1:
+            if text.count(_MEMORY) != 1 or text.count(_QUERY) != 1:
                 raise ModelUnavailable(f"{self.id}: its chat template does not keep the user message intact")
-            head, tail = text.split(_SENTINEL)
+            head, rest = text.split(_MEMORY)
+            stem, tail = rest.split(_QUERY)
+            if stem != prompt.stem:
+                raise ModelUnavailable(f"{self.id}: its chat template rewrites the user message")
             if len(self._split_cache) > 256:
                 self._split_cache.clear()
             self._split_cache[key] = (head, tail)
@@ -113,12 +118,17 @@ class HFEngine:
         head, _ = self.split(prompt)
         return self.encode(head), [self.encode(s, specials=False) for s in prompt.memory]
 
+    def stem_ids(self, prompt: Prompt) -> list[int]:
+        return self.encode(prompt.stem)
+
     def tail_ids(self, prompt: Prompt) -> list[int]:
         return self.encode(self.split(prompt)[1])
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Head, memory segments, stem and tail, each tokenised on its own and concatenated: the
+        ids the cached path builds piece by piece."""
         head, segments = self.memory_ids(prompt)
-        return head + [t for s in segments for t in s] + self.tail_ids(prompt)
+        return head + [t for s in segments for t in s] + self.stem_ids(prompt) + self.tail_ids(prompt)
 
     def count_tokens(self, prompt: Prompt) -> int:
         return len(self.prompt_ids(prompt))
@@ -231,7 +241,7 @@ class HFEngine:
         """Stateless reference: the whole prompt in one forward pass, then greedy decoding."""
         head, segments = self.memory_ids(prompt)
         memory = head + [t for s in segments for t in s]
-        ids = memory + self.tail_ids(prompt)
+        ids = memory + self.stem_ids(prompt) + self.tail_ids(prompt)
         self.check_fits(len(ids), max_new_tokens)
         cache = self.new_cache()
         t0 = time.perf_counter()

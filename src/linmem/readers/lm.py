@@ -14,9 +14,10 @@ answer the question, and a last call combines their answers.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import prompts, render
@@ -52,6 +53,9 @@ class LMReader:
         self.max_new_tokens = max_new_tokens
         self.overflow = overflow
         self._cap = context_length
+        # Per kind of read (keyed by its instruction): (snapshot, state after the instruction, ids).
+        self._stems: dict[str, tuple[Any, Any, list[int]]] = {}
+        self._stems_lock = threading.Lock()
         self._store: SnapshotStore | None = None
         if isinstance(self.engine, HFEngine):
             head, _ = self.engine.split(prompts.read_prompt([], ""))
@@ -72,12 +76,18 @@ class LMReader:
         return str(self.engine.id)
 
     def on_write(self, items: Sequence[Item]) -> None:
-        """Extend the snapshot now, so the next read pays only for its query."""
+        """Extend the snapshot now (and the instructions read after it), so the next read pays
+        only for its question."""
         if self._store is not None and not self.stateless and self._store._snap is not None:
             try:
-                self._store.get(self._memory_budget(0))
+                snap, _ = self._store.get(self._memory_budget(0))
             except ContextOverflow:
                 self._store.drop()
+                return
+            with self._stems_lock:
+                kinds = [(text, ids) for text, (_, _, ids) in self._stems.items()]
+            for text, ids in kinds:
+                self._after_stem(snap, text, ids)
 
     def read(self, query: str) -> Answer:
         t0 = time.perf_counter()
@@ -140,33 +150,52 @@ class LMReader:
     def _from_snapshot(self, prompt: Prompt, max_new: int) -> tuple[Generation, list[str]]:
         engine, store = self.engine, self._store
         assert store is not None
-        tail = engine.tail_ids(prompt)
-        budget = self._memory_budget(len(tail), max_new)
+        stem, tail = engine.stem_ids(prompt), engine.tail_ids(prompt)
+        budget = self._memory_budget(len(stem) + len(tail), max_new)
         if budget is not None and budget < len(engine.encode(store.head)):
             raise ContextOverflow(
                 f"the question alone is {len(tail)} tokens; with the prompt and {max_new} tokens to "
                 f"generate it does not fit {self.model_id}'s context of {self.context_length} tokens",
-                needed=len(tail) + max_new,
+                needed=len(stem) + len(tail) + max_new,
                 limit=self.context_length or 0,
             )
         snap, update = store.get(budget)
         t1 = time.perf_counter()
-        cache = engine.fork(snap.cache)
-        logits = engine.advance(cache, tail)
+        base, stem_new = self._after_stem(snap, prompt.stem, stem)
         t2 = time.perf_counter()
-        out = engine.greedy(cache, logits, max_new)
+        cache = engine.fork(base)
+        logits = engine.advance(cache, tail)
         t3 = time.perf_counter()
+        out = engine.greedy(cache, logits, max_new)
+        t4 = time.perf_counter()
         gen = Generation(
             text=engine.decode(out),
             memory_tokens=snap.tokens,
-            processed=update.tokens + len(tail),
-            cached=snap.tokens - update.tokens,
+            processed=update.tokens + stem_new + len(tail),
+            cached=snap.tokens - update.tokens + len(stem) - stem_new,
             generated=len(out),
-            prefill_s=update.seconds,
-            query_s=t2 - t1,
-            generate_s=t3 - t2,
+            prefill_s=update.seconds + (t2 - t1),
+            query_s=t3 - t2,
+            generate_s=t4 - t3,
         )
         return gen, [f"snapshot: {update.reason}"]
+
+    def _after_stem(self, snap: Any, stem_text: str, stem: list[int]) -> tuple[Any, int]:
+        """The state after the memory and a kind of read's fixed instruction, kept per snapshot;
+        returns it and how many tokens were run now to make it (0 when it was kept)."""
+        with self._stems_lock:
+            kept = self._stems.get(stem_text)
+            if kept is not None and kept[0] is snap:
+                return kept[1], 0
+        cache = self.engine.fork(snap.cache)
+        if stem:
+            self.engine.advance(cache, stem)
+        with self._stems_lock:
+            for text in [t for t, (s, _, _) in self._stems.items() if s is not snap]:
+                # The memory moved on: keep the kind (to refresh it on the next write), drop its state.
+                self._stems[text] = (None, None, self._stems[text][2])
+            self._stems[stem_text] = (snap, cache, stem)
+        return cache, len(stem)
 
     def _windowed(
         self, ask: _Ask, prompt: Prompt, max_new: int, items: list[Item]
@@ -176,7 +205,7 @@ class LMReader:
         answers: list[tuple[str, str]] = []
         total = Generation("", 0, 0, 0, 0, 0.0, None, 0.0)
         for lo, hi in windows:
-            part = Prompt(prompt.system, prompt.intro, prompt.memory[lo:hi], prompt.query)
+            part = replace(prompt, memory=prompt.memory[lo:hi])
             gen = self.engine.generate(part, max_new_tokens=max_new)
             answers.append((_clip_label(items[lo:hi]), gen.text))
             total = _add(total, gen)
@@ -217,8 +246,9 @@ class LMReader:
         """Tokens per memory segment, and tokens of the rest of the prompt."""
         if isinstance(self.engine, HFEngine):
             head, segs = self.engine.memory_ids(prompt)
-            return [len(s) for s in segs], len(head) + len(self.engine.tail_ids(prompt))
-        empty = Prompt(prompt.system, prompt.intro, [], prompt.query)
+            fixed = len(head) + len(self.engine.stem_ids(prompt)) + len(self.engine.tail_ids(prompt))
+            return [len(s) for s in segs], fixed
+        empty = replace(prompt, memory=[])
         whole, fixed = self.engine.count_tokens(prompt), self.engine.count_tokens(empty)
         if whole is None or fixed is None:
             raise EngineError(
