@@ -79,7 +79,7 @@ class HFEngine:
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.stop_ids = _stop_ids(model, tokenizer)
-        self._split_cache: dict[tuple[str, str, str], tuple[str, str]] = {}
+        self._split_cache: dict[tuple[str, str, str, str], tuple[str, str]] = {}
 
     # Prompt -> ids
 
