@@ -321,3 +321,19 @@ def test_qwen3_5_vision_checkpoint_loads_as_text_model(tmp_path) -> None:
     cached = mem.ask("Where?", model=f"hf:{tmp_path / 'vlm'}", max_new_tokens=8)
     stateless = mem.ask("Where?", model=f"hf:{tmp_path / 'vlm'}", max_new_tokens=8, stateless=True)
     assert cached.text == stateless.text
+
+
+@pytest.mark.parametrize("spec", ARCHS)
+def test_windowed_prefill_equals_one_shot(spec: str) -> None:
+    """Chunked prefill (windows that continue the state) is exact: same logits, same cache."""
+    engine = load_engine(spec)
+    ids = [random.randrange(256) for _ in range(random.randint(250, 400))]
+    whole, windowed = engine.new_cache(), engine.new_cache()
+    one_shot = engine.advance(whole, ids, keep=40, chunk=len(ids))
+    for chunk in (37, 64, 129):
+        windowed = engine.new_cache()
+        in_windows = engine.advance(windowed, ids, keep=40, chunk=chunk)
+        assert (one_shot - in_windows).abs().max().item() < 1e-4
+        a, b = state_tensors(engine, whole), state_tensors(engine, windowed)
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

@@ -1,9 +1,22 @@
-"""`linmem bench`: what state caching buys, measured in one run on this machine.
+"""`linmem bench`: what a linear-attention memory costs, measured on this machine in one run.
 
-For each memory length it times a stateless full re-read against a read from the state
-snapshot, and an append of ~500 tokens (a write that extends the snapshot by the new tokens
-only). Speed is reported only when the cached read gave exactly the stateless read's answer in
-the same run. Prints a table, then one JSON line.
+Sections, each a table (and the whole run one JSON line at the end):
+
+- reads: time to the first answer token for a stateless re-read of the memory and for a read
+  from the state snapshot, for a Gated DeltaNet hybrid (tiny Qwen3.5), a KDA hybrid (tiny
+  Kimi-Linear) and a softmax model of the same shape (tiny Qwen3, whose snapshot is a prefix KV
+  cache), plus the embedding reader, at memories of 1k to 64k tokens. A length's speed is
+  reported only if, in the same run, the cached read gave exactly the stateless read's answer.
+- appends: writing ~500 tokens to each memory (the snapshot is extended by the new tokens only),
+  with the time split between the linear-attention and the full-attention layers.
+- bytes: snapshot size vs memory length per architecture, and the same arithmetic for the
+  full-size configs (Kimi-Linear-48B-A3B, Qwen3.5-0.8B, Qwen3-30B-A3B).
+- budget: the longest memory each architecture's cache holds under one RAM budget.
+- rss: peak resident memory of a chunked prefill at 4k and 64k tokens (a fresh process each).
+- kernels: the delta-rule kernels against transformers' references and the matmul roofline.
+
+Random weights: speed and memory do not depend on the values. `--quick` keeps to 1k and 4k
+tokens. `--endpoint URL#MODEL` instead times reads against a live OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -13,22 +26,88 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .memory import open_memory
+from .memory import Memory, open_memory
 from .types import Item
 
+ARCHS = {"qwen3.5": "tiny:qwen3.5", "kimi-linear": "tiny:kimi-linear", "qwen3": "tiny:qwen3"}
+LINEAR = ("qwen3.5", "kimi-linear")
+LENGTHS = (1024, 4096, 16384, 65536)
+QUICK_LENGTHS = (1024, 4096)
+APPEND_TOKENS = 500
+TINY_BUDGET_MB = 16
+FULL_BUDGET_GIB = 2
 WORDS = (
     "Alice Bob Clara Helen robot kitchen hallway study garden mug keys drawer cabinet fern window "
     "desk laptop coat umbrella bicycle parcel risotto spaghetti basil tea milk fridge sofa cat "
     "puts takes opens closes waters cooks carries finds leaves says asks moves hides red blue green"
 ).split()
 QUESTIONS = ("Where are the keys?", "What did Alice cook?", "Who moved the fern?", "What is in the parcel?")
+
+# Published configs of the full-size models (config.json on the hub), for the arithmetic tables.
+FULL_SIZE: dict[str, dict[str, Any]] = {
+    "Kimi-Linear-48B-A3B": {
+        "linear_layers": 20, "linear_heads": 32, "dk": 128, "dv": 128, "conv_channels": 3 * 32 * 128,
+        "attention": "mla", "attention_layers": 7, "kv_lora_rank": 512, "rope_dim": 64,
+    },
+    "Qwen3.5-0.8B": {
+        "linear_layers": 18, "linear_heads": 16, "dk": 128, "dv": 128, "conv_channels": 3 * 16 * 128,
+        "attention": "gqa", "attention_layers": 6, "kv_heads": 2, "head_dim": 256,
+    },
+    "Qwen3-30B-A3B": {
+        "linear_layers": 0, "linear_heads": 0, "dk": 0, "dv": 0, "conv_channels": 0,
+        "attention": "gqa", "attention_layers": 48, "kv_heads": 4, "head_dim": 128,
+    },
+}  # fmt: skip
+
+
+def run_bench(
+    *,
+    quick: bool = False,
+    out: Path | None = None,
+    endpoint: str | None = None,
+    echo: bool = True,
+) -> dict[str, Any]:
+    import torch
+
+    say: Callable[[str], None] = print if echo else (lambda _m: None)
+    result: dict[str, Any] = {"bench": "linmem", "quick": quick, "machine": _machine(torch)}
+    if endpoint:
+        result["endpoint"] = endpoint_bench(endpoint, QUICK_LENGTHS if quick else LENGTHS, say)
+    else:
+        lengths = QUICK_LENGTHS if quick else LENGTHS
+        result["reads"], result["appends"], result["bytes"] = _reads(lengths, say)
+        result["full_size"] = full_size_table()
+        result["budget"] = _budget()
+        result["rss"] = _rss((1024, 4096) if quick else (4096, 65536))
+        result["kernels"] = _kernels(quick)
+        result["targets"] = targets(result)
+        _print_tables(result, say)
+        if out is not None:
+            result["plots"] = [str(p) for p in _plots(result, out)]
+    if echo:
+        print(json.dumps(result))
+    return result
+
+
+def _machine(torch: Any) -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+# Reads and appends
 
 
 def _items(rng: random.Random, n_chars: int, first_clip: int) -> list[Item]:
@@ -41,125 +120,430 @@ def _items(rng: random.Random, n_chars: int, first_clip: int) -> list[Item]:
     return items
 
 
-def _grow_to(memory: Any, reader: Any, tokens: int, rng: random.Random) -> None:
-    """Write items until the memory prefix holds about `tokens` tokens."""
-    engine = reader.engine
-    while True:
-        have = engine.count_tokens(reader_prompt(memory)) if memory.state().count else 0
-        if have >= tokens:
-            return
-        last = memory.items()[-1].clip + 1 if memory.state().count else 0
-        memory.log.append(_items(rng, max(64, tokens - have), last))
+def _memory_items(tokens: int, seed: int) -> list[Item]:
+    """Items whose rendered memory is about `tokens` tokens for the tiny models' byte-level
+    tokenizer (a token per UTF-8 byte), counting the prompt head before it (~300 bytes)."""
+    from .render import render
+
+    rng = random.Random(seed)
+    items: list[Item] = []
+    while len(render(items).encode()) < tokens - 300:
+        items += _items(rng, 200, (items[-1].clip or 0) + 1 if items else 0)
+    return items
 
 
-def reader_prompt(memory: Any) -> Any:
-    from . import prompts, render
+def _build_memory(home: Path, name: str, items: list[Item]) -> Memory:
+    memory = open_memory(name, home=home, create=True)
+    memory.write(items)
+    return memory
 
-    return prompts.read_prompt(render.segments(memory.items()), "")
+
+def _reads(lengths: tuple[int, ...], say: Callable[[str], None]) -> tuple[list[Any], list[Any], list[Any]]:
+    rng = random.Random(1)
+    reads, appends, sizes = [], [], []
+    with tempfile.TemporaryDirectory() as home:
+        for length in lengths:
+            # The same items for every architecture, each in a memory of its own: a write to a
+            # memory extends the snapshots of every reader open on it.
+            items = _memory_items(length, seed=length)
+            for arch, spec in ARCHS.items():
+                say(f"bench: {arch} at {length} tokens ...")
+                memory = _build_memory(Path(home), f"{arch}-{length}", items)
+                row, append, size = _one_memory(memory, arch, spec, rng)
+                reads.append(row | {"arch": arch, "target_tokens": length})
+                appends.append(append | {"arch": arch, "target_tokens": length})
+                sizes.append(size | {"arch": arch, "target_tokens": length})
+                memory.close()
+            memory = _build_memory(Path(home), f"embedding-{length}", items)
+            reads.append(_embedding_row(memory, length))
+            memory.close()
+    return reads, appends, sizes
 
 
-def _median(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    times, result = [], None
-    for _ in range(repeat):
+def _median_of(fn: Callable[[str], Any], repeat: int) -> tuple[float, Any]:
+    times, answer = [], None
+    for i in range(repeat):
+        answer = fn(QUESTIONS[i % len(QUESTIONS)])
+        times.append(_ttft(answer))
+    return statistics.median(times), answer
+
+
+def _ttft(answer: Any) -> float:
+    """Seconds to the first answer token: the prompt's forward pass (the first token is its argmax)."""
+    t = answer.timings
+    return (t.prefill_s or 0.0) + (t.query_s or 0.0)
+
+
+def _one_memory(memory: Memory, arch: str, spec: str, rng: random.Random) -> tuple[dict, dict, dict]:
+    cached = memory.reader("lm", model=spec, max_new_tokens=8)
+    stateless = memory.reader("lm", model=spec, max_new_tokens=8, stateless=True)
+    for q in QUESTIONS:  # build the snapshot and every kind's state once
+        cached.read(q)
+    t_cached, a_cached = _median_of(cached.read, 5)
+    full_cached = statistics.median(cached.read(q).timings.total_s for q in QUESTIONS[:3])
+    n_slow = 1 if a_cached.tokens.memory > 20000 else 2
+    t_full, a_full = _median_of(stateless.read, n_slow)
+    same = [cached.read(q).text == stateless.read(q).text for q in QUESTIONS[: 1 if n_slow == 1 else 2]]
+    exact = all(same) and a_cached.tokens.memory == a_full.tokens.memory
+    row = {
+        "memory_tokens": a_cached.tokens.memory,
+        "query_tokens": a_cached.tokens.processed,
+        "stateless_ttft_s": round(t_full, 5),
+        "cached_ttft_s": round(t_cached, 5),
+        "speedup": round(t_full / t_cached, 1) if exact else None,
+        "cached_read_s": round(full_cached, 5),
+        "exact": exact,
+    }
+    append = _append(memory, cached, rng, exact)
+    snap = cached._store._snap
+    tensors, _ = cached.engine.cache_to_tensors(snap.cache)
+    disk = sum(f.stat().st_size for f in cached._store.path.iterdir())
+    size = {
+        "memory_tokens": snap.tokens,
+        "state_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "disk_bytes": disk,
+    }
+    return row, append, size
+
+
+def _append(memory: Memory, reader: Any, rng: random.Random, exact: bool) -> dict[str, Any]:
+    """Write ~APPEND_TOKENS tokens; the live reader extends its snapshot by them."""
+    clip = (memory.items()[-1].clip or 0) + 1
+    before = reader._store._snap.tokens
+    with _LayerClock(reader.engine) as clock:
         t0 = time.perf_counter()
-        result = fn()
+        memory.write(_items(rng, APPEND_TOKENS, clip))
+        seconds = time.perf_counter() - t0
+    added = reader._store._snap.tokens - before
+    return {
+        "memory_tokens": before,
+        "added_tokens": added,
+        "append_s": round(seconds, 5) if exact else None,
+        "linear_layers_s": round(clock.seconds.get("linear_attention", 0.0), 5),
+        "attention_layers_s": round(clock.seconds.get("full_attention", 0.0), 5),
+    }
+
+
+class _LayerClock:
+    """Wall time spent inside decoder layers, by layer type, while active (forward hooks)."""
+
+    def __init__(self, engine: Any) -> None:
+        model = engine.model
+        self.layers = list(model.model.layers)
+        types = getattr(model.config, "layer_types", None) or ["full_attention"] * len(self.layers)
+        self.types = ["linear_attention" if t == "linear_attention" else "full_attention" for t in types]
+        self.seconds: dict[str, float] = {}
+        self._handles: list[Any] = []
+        self._start: dict[int, float] = {}
+
+    def __enter__(self) -> _LayerClock:
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._pre(i)))
+            self._handles.append(layer.register_forward_hook(self._post(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _pre(self, i: int) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            self._start[i] = time.perf_counter()
+
+        return hook
+
+    def _post(self, i: int) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            kind = self.types[i]
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - self._start[i]
+
+        return hook
+
+
+def _embedding_row(memory: Memory, length: int) -> dict[str, Any]:
+    reader = memory.reader("embedding")
+    reader.read(QUESTIONS[0])  # embed the memory once
+    times = []
+    for i, q in enumerate(QUESTIONS):
+        t0 = time.perf_counter()
+        reader.read(f"{q} ({length}.{i})")  # a new text: the query is embedded, not remembered
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+    return {"arch": "embedding", "target_tokens": length, "read_s": round(statistics.median(times), 5)}
 
 
-def run_bench(
-    *,
-    model: str = "tiny:qwen3.5",
-    lengths: tuple[int, ...] = (1024, 4096, 16384),
-    append_tokens: int = 500,
-    repeat: int = 3,
-    echo: bool = True,
-) -> dict[str, Any]:
-    import torch
+# Bytes and budgets
 
+
+def full_size_table() -> list[dict[str, Any]]:
+    """Cache bytes of the full-size models from their configs: recurrent state (fp32, as both
+    transformers and vLLM keep it), conv state and attention cache (bf16) per token."""
+    rows = []
+    budget = FULL_BUDGET_GIB * 2**30
+    for name, c in FULL_SIZE.items():
+        state = c["linear_layers"] * (c["linear_heads"] * c["dk"] * c["dv"] * 4 + c["conv_channels"] * 4 * 2)
+        if c["attention"] == "mla":
+            per_token = c["attention_layers"] * (c["kv_lora_rank"] + c["rope_dim"]) * 2
+        else:
+            per_token = c["attention_layers"] * 2 * c["kv_heads"] * c["head_dim"] * 2
+        rows.append(
+            {
+                "model": name,
+                "state_bytes": state,
+                "bytes_per_token": per_token,
+                "total_131k_bytes": state + per_token * 131072,
+                "total_262k_bytes": state + per_token * 262144,
+                f"tokens_in_{FULL_BUDGET_GIB}GiB": int((budget - state) // per_token),
+            }
+        )
+    return rows
+
+
+def _budget() -> dict[str, Any]:
+    from .engines import load_engine
+    from .evals.run import tokens_under_budget
+
+    budget = TINY_BUDGET_MB * 2**20
+    tokens = {arch: tokens_under_budget(load_engine(spec), budget) for arch, spec in ARCHS.items()}
+    context = {arch: load_engine(spec).context_length for arch, spec in ARCHS.items()}
+    return {"budget_mb": TINY_BUDGET_MB, "tokens": tokens, "context": context}
+
+
+def _rss(lengths: tuple[int, int]) -> dict[str, Any]:
+    """Peak RSS of a chunked prefill, each in a fresh process so nothing else counts."""
+    script = (
+        "import resource, sys, warnings, random\n"
+        "warnings.filterwarnings('ignore')\n"
+        "from linmem.engines import load_engine\n"
+        "e = load_engine(sys.argv[1]); n = int(sys.argv[2])\n"
+        "e.advance(e.new_cache(), [random.randrange(256) for _ in range(n)])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    rows = {}
+    for arch in LINEAR:
+        peaks = []
+        for n in lengths:
+            done = subprocess.run(
+                [sys.executable, "-c", script, ARCHS[arch], str(n)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            peaks.append(int(done.stdout.strip().splitlines()[-1]))
+        rows[arch] = {
+            "tokens": list(lengths),
+            "peak_rss_bytes": peaks,
+            "ratio": round(peaks[1] / peaks[0], 3),
+        }
+    return rows
+
+
+def _kernels(quick: bool) -> dict[str, Any]:
+    try:
+        from .kernels.bench import kernel_bench
+    except ImportError as e:  # the kernels are optional to the rest of the suite
+        return {"error": str(e)}
+    return kernel_bench(tokens=2048 if quick else 8192, heads=16, dim=128, repeat=2 if quick else 3)
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each with its measured value and whether it was met."""
+    reads = {(r["arch"], r["target_tokens"]): r for r in result["reads"]}
+    appends = {(r["arch"], r["target_tokens"]): r for r in result["appends"]}
+    out: dict[str, Any] = {}
+    at16k = reads.get(("qwen3.5", 16384))
+    if at16k:
+        out["cached_read_50x_at_16k"] = {"value": at16k["speedup"], "met": (at16k["speedup"] or 0) >= 50}
+    big = max((k[1] for k in appends if k[0] == "qwen3.5"), default=None)
+    if big and big >= 16384:
+        ratio = appends[("qwen3.5", big)]["append_s"] / appends[("qwen3.5", 1024)]["append_s"]
+        out[f"append_500_at_{big // 1024}k_vs_1k_le_1.3x"] = {"value": round(ratio, 2), "met": ratio <= 1.3}
+    rss = result.get("rss", {})
+    if rss:
+        worst = max(r["ratio"] for r in rss.values())
+        out["prefill_peak_rss_ratio_le_1.5"] = {"value": worst, "met": worst <= 1.5}
+    b = result["budget"]["tokens"]
+    out["linear_holds_2x_softmax_under_budget"] = {
+        "value": round(min(b["qwen3.5"], b["kimi-linear"]) / max(1, b["qwen3"]), 2),
+        "met": min(b["qwen3.5"], b["kimi-linear"]) >= 2 * b["qwen3"],
+    }
+    k = result.get("kernels", {})
+    for name, need in (("kda", 10.0), ("gdn", 2.0)):
+        sub = k.get(name, {}) if isinstance(k, dict) else {}
+        if "speedup" in sub:
+            out[f"{name}_kernel_{need:g}x_reference"] = {
+                "value": sub["speedup"],
+                "met": (sub["speedup"] or 0) >= need,
+            }
+        if "roofline_fraction" in sub:
+            frac = sub["roofline_fraction"]
+            out[f"{name}_kernel_40pct_roofline"] = {"value": frac, "met": (frac or 0) >= 0.4}
+    return out
+
+
+# Output
+
+
+def _print_tables(r: dict[str, Any], say: Callable[[str], None]) -> None:
+    m = r["machine"]
+    say(f"\nlinmem bench: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads")
+    say("(random weights: speed and memory do not depend on them)\n")
+    say("reads: seconds to the first answer token (stateless re-read vs snapshot); embedding: whole read")
+    say(
+        _table(
+            ["arch", "memory tok", "query tok", "stateless s", "cached s", "speedup", "exact"],
+            [
+                [
+                    x["arch"],
+                    x["memory_tokens"],
+                    x["query_tokens"],
+                    x["stateless_ttft_s"],
+                    x["cached_ttft_s"],
+                    f"{x['speedup']}x" if x["speedup"] else "REFUSED",
+                    x["exact"],
+                ]
+                if x["arch"] != "embedding"
+                else ["embedding", f"~{x['target_tokens']}", "", "", x["read_s"], "", ""]
+                for x in r["reads"]
+            ],
+        )
+    )
+    say(f"\nappends: ~{APPEND_TOKENS} tokens written to each memory (snapshot extended by them only)")
+    say(
+        _table(
+            ["arch", "memory tok", "added tok", "append s", "linear layers s", "attention layers s"],
+            [
+                [
+                    x["arch"],
+                    x["memory_tokens"],
+                    x["added_tokens"],
+                    x["append_s"],
+                    x["linear_layers_s"],
+                    x["attention_layers_s"],
+                ]
+                for x in r["appends"]
+            ],
+        )
+    )
+    say("\nsnapshot bytes")
+    say(
+        _table(
+            ["arch", "memory tok", "state bytes", "on disk"],
+            [[x["arch"], x["memory_tokens"], x["state_bytes"], x["disk_bytes"]] for x in r["bytes"]],
+        )
+    )
+    say(f"\nfull-size models (arithmetic from their configs; {FULL_BUDGET_GIB} GiB budget)")
+    say(
+        _table(
+            [
+                "model",
+                "state MiB",
+                "bytes/token",
+                "at 131k GiB",
+                "at 262k GiB",
+                f"tokens in {FULL_BUDGET_GIB} GiB",
+            ],
+            [
+                [
+                    x["model"],
+                    round(x["state_bytes"] / 2**20, 1),
+                    x["bytes_per_token"],
+                    round(x["total_131k_bytes"] / 2**30, 2),
+                    round(x["total_262k_bytes"] / 2**30, 2),
+                    x[f"tokens_in_{FULL_BUDGET_GIB}GiB"],
+                ]
+                for x in r["full_size"]
+            ],
+        )
+    )
+    b = r["budget"]
+    say(f"\nlongest memory whose cache fits {b['budget_mb']} MiB (tiny models; capped at their context)")
+    say(_table(["arch", "tokens", "context"], [[a, t, b["context"][a]] for a, t in b["tokens"].items()]))
+    say("\npeak RSS of a chunked prefill (fresh process each)")
+    say(
+        _table(
+            ["arch", "tokens", "peak RSS MiB", "ratio"],
+            [
+                [a, x["tokens"], [round(p / 2**20) for p in x["peak_rss_bytes"]], x["ratio"]]
+                for a, x in r["rss"].items()
+            ],
+        )
+    )
+    k = r.get("kernels", {})
+    if isinstance(k, dict) and "kda" in k:
+        say(f"\nkernels: {json.dumps(k)}")
+    say("\ntargets")
+    say(_table(["target", "value", "met"], [[t, v["value"], v["met"]] for t, v in r["targets"].items()]))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+
+
+def _plots(r: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for arch in ARCHS:
+        rows = [x for x in r["reads"] if x["arch"] == arch]
+        xs = [x["memory_tokens"] for x in rows]
+        ax.plot(xs, [x["stateless_ttft_s"] for x in rows], "--o", label=f"{arch} stateless re-read")
+        ax.plot(xs, [x["cached_ttft_s"] for x in rows], "-o", label=f"{arch} snapshot")
+    emb = [x for x in r["reads"] if x["arch"] == "embedding"]
+    ax.plot([x["target_tokens"] for x in emb], [x["read_s"] for x in emb], ":s", label="embedding reader")
+    ax.set(xscale="log", yscale="log", xlabel="memory tokens", ylabel="seconds (to first answer token)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    latency = out / "latency_vs_memory.png"
+    fig.tight_layout()
+    fig.savefig(latency, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for arch in ARCHS:
+        rows = [x for x in r["bytes"] if x["arch"] == arch]
+        ax.plot([x["memory_tokens"] for x in rows], [x["state_bytes"] for x in rows], "-o", label=arch)
+    ax.set(xscale="log", yscale="log", xlabel="memory tokens", ylabel="snapshot bytes")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    sizes = out / "bytes_vs_memory.png"
+    fig.tight_layout()
+    fig.savefig(sizes, dpi=120)
+    plt.close(fig)
+    return [latency, sizes]
+
+
+# Against a live server
+
+
+def endpoint_bench(
+    endpoint: str, lengths: tuple[int, ...], say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Read latency vs memory length against an OpenAI-compatible server: per length, a first
+    (cold) read and two more with other questions, whose prompt prefix the server may cache."""
+    spec = endpoint if endpoint.startswith("openai:") else f"openai:{endpoint}"
     rng = random.Random(0)
     rows = []
     with tempfile.TemporaryDirectory() as home:
         for length in lengths:
-            memory = open_memory(f"bench{length}", home=Path(home), create=True)
-            cached_reader = memory.reader("lm", model=model, max_new_tokens=8)
-            stateless_reader = memory.reader("lm", model=model, max_new_tokens=8, stateless=True)
-            _grow_to(memory, cached_reader, length, rng)
-            cached_reader.read(QUESTIONS[0])  # build the snapshot once
-            t_cached, a_cached = _median(partial(cached_reader.read, QUESTIONS[1]), repeat + 2)
-            t_full, a_full = _median(partial(stateless_reader.read, QUESTIONS[1]), repeat)
-            exact = a_cached.text == a_full.text and a_cached.tokens.memory == a_full.tokens.memory
-            before = a_cached.tokens.memory
-            new = _items(rng, append_tokens, (memory.items()[-1].clip or 0) + 1)
-            t0 = time.perf_counter()
-            memory.write(new)
-            t_append = time.perf_counter() - t0
-            after = cached_reader.read(QUESTIONS[2])
+            # A server tokenizer averages ~4 characters per token on this text.
+            memory = open_memory(f"ep{length}", home=Path(home), create=True)
+            memory.write(_items(rng, length * 4, 0))
+            reader = memory.reader("lm", model=spec, max_new_tokens=16)
+            answers = [reader.read(q) for q in QUESTIONS[:3]]
             rows.append(
                 {
-                    "memory_tokens": a_cached.tokens.memory,
-                    "query_tokens": a_cached.tokens.processed,
-                    "stateless_processed": a_full.tokens.processed,
-                    "stateless_s": round(t_full, 4),
-                    "cached_s": round(t_cached, 4),
-                    "speedup": round(t_full / t_cached, 1) if exact else None,
-                    "exact": exact,
-                    "append_tokens": after.tokens.memory - before,
-                    "append_s": round(t_append, 4) if exact else None,
+                    "target_tokens": length,
+                    "memory_tokens": answers[0].tokens.memory,
+                    "cold_s": round(answers[0].timings.total_s, 4),
+                    "warm_s": round(statistics.median(a.timings.total_s for a in answers[1:]), 4),
+                    "cached_tokens": [a.tokens.cached for a in answers],
                 }
             )
+            say(f"endpoint: {rows[-1]}")
             memory.close()
-    base = rows[0]["append_s"]
-    for r in rows:
-        r["append_vs_first"] = round(r["append_s"] / base, 2) if base and r["append_s"] else None
-    result = {
-        "bench": "state-cache",
-        "model": model,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "rows": rows,
-        "all_exact": all(r["exact"] for r in rows),
-    }
-    if echo:
-        _table(result)
-        print(json.dumps(result))
-    return result
-
-
-def _table(result: dict[str, Any]) -> None:
-    m = result["machine"]
-    print(
-        f"state caching, {result['model']} (random weights), {m['cores']} cores, torch {m['torch']}, "
-        f"{m['threads']} threads"
-    )
-    head = (
-        "memory tok",
-        "query tok",
-        "stateless s",
-        "cached s",
-        "speedup",
-        "exact",
-        "+tok",
-        "append s",
-        "vs first",
-    )
-    print(" | ".join(f"{h:>11}" for h in head))
-    for r in result["rows"]:
-        cells = (
-            r["memory_tokens"],
-            r["query_tokens"],
-            r["stateless_s"],
-            r["cached_s"],
-            f"{r['speedup']}x" if r["speedup"] else "REFUSED",
-            r["exact"],
-            r["append_tokens"],
-            r["append_s"],
-            r["append_vs_first"],
-        )
-        print(" | ".join(f"{c!s:>11}" for c in cells))
-    if not result["all_exact"]:
-        print("a cached read differed from the stateless read: speed not reported for that length")
+    return rows

@@ -141,9 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. systems.0.model=tiny:qwen3.5 (repeatable)",
     )
 
-    b = command("bench", cmd_bench, "measure state caching: stateless re-read vs snapshot read, and appends")
-    b.add_argument("--model", default="tiny:qwen3.5", help="model spec (default tiny:qwen3.5)")
-    b.add_argument("--quick", action="store_true", help="memories of 1k and 4k tokens only")
+    b = command(
+        "bench", cmd_bench, "measure reads, writes, bytes and kernels on this machine (one JSON line last)"
+    )
+    b.add_argument("--quick", action="store_true", help="memories of 1k and 4k tokens only (under 2 minutes)")
+    b.add_argument("--out", type=Path, help="folder for the PNG plots (default bench-out)")
+    b.add_argument(
+        "--endpoint", metavar="URL#MODEL", help="time reads against a live OpenAI-compatible server"
+    )
 
     demo = command("demo", cmd_demo, "write a sample memory and answer questions with both readers")
     demo.add_argument("--model", help="LM reader model spec (default hf:Qwen/Qwen3.5-0.8B)")
@@ -358,8 +363,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from .bench import run_bench
 
-    lengths = (1024, 4096) if args.quick else (1024, 4096, 16384)
-    return run_bench(model=args.model, lengths=lengths, echo=not args.json)
+    out = args.out or Path("bench-out")
+    return run_bench(quick=args.quick, out=out, endpoint=args.endpoint, echo=not args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
