@@ -143,3 +143,11 @@ def test_cached_reads_are_exact_on_fresh_random_memories() -> None:
             assert fast.text == slow.text
             assert fast.tokens.memory == slow.tokens.memory
             assert fast.tokens.generated == slow.tokens.generated
+
+
+def test_long_question_over_a_ready_snapshot_is_refused() -> None:
+    mem = household(repeat=2)
+    reader = mem.reader("lm", model="tiny:qwen3.5", context_length=1800, max_new_tokens=8)
+    reader.read("Where?")  # the snapshot is built and fits
+    with pytest.raises(ContextOverflow, match=r"the memory is \d+ tokens"):
+        reader.read("Where did Bob put the keys, and why? " * 25)

@@ -94,6 +94,7 @@ class SnapshotStore:
                 snap, reason = None, "the snapshot does not match the log"
             if snap is not None and snap.last_id == state.last_id:
                 self._snap = snap
+                self._check_budget(snap.tokens, budget)
                 return snap, Update(0, 0.0, reason or "up to date")
             snap, update = self._advance(snap, budget, reason)
             self._snap = snap
@@ -121,14 +122,7 @@ class SnapshotStore:
         for text in texts:
             ids += self.engine.encode(text, specials=False)
         total = base + len(ids)
-        if budget is not None and total > budget:
-            raise ContextOverflow(
-                f"the memory is {total} tokens, but with the question and answer only {budget} fit "
-                f"in {self.engine.id}'s context of {self.engine.context_length} tokens; "
-                "read it in windows (overflow='window', --overflow window) or use a longer-context model",
-                needed=total,
-                limit=budget,
-            )
+        self._check_budget(total, budget)
         t0 = time.perf_counter()
         cache = self.engine.new_cache() if snap is None else self.engine.fork(snap.cache)
         if ids:
@@ -139,6 +133,16 @@ class SnapshotStore:
         lineage = snap.lineage if snap else uuid.uuid4().hex
         new = Snapshot(cache, total, items, last_id, state.epoch, state.version, cursor, lineage)
         return new, Update(len(ids), seconds, reason)
+
+    def _check_budget(self, total: int, budget: int | None) -> None:
+        if budget is not None and total > budget:
+            raise ContextOverflow(
+                f"the memory is {total} tokens, but next to the question and the answer only {budget} "
+                f"fit in the context {self.engine.id} is read with; read it in windows "
+                "(overflow='window', --overflow window) or use a longer-context model",
+                needed=total,
+                limit=budget,
+            )
 
     # Disk
 

@@ -8,6 +8,13 @@ memory start with the ids of a shorter one, so a state snapshot is an exact pref
 Model caches (transformers `DynamicCache`: recurrent and conv states for linear-attention layers,
 keys and values for attention layers) are updated in place by a forward pass, so a read always
 works on a `fork` (deep copy) and never touches the snapshot it came from.
+
+Several reads of one cache run as one batch (`advance_rows`, then `greedy_rows`). Padding is not
+neutral for linear-attention layers (every token moves their decay and conv window), so the
+prompts are never padded: the rows, sorted by length, run their common positions together, and a
+row that ends leaves the batch with its state. For decoding the rows are stacked again, their
+attention keys and values right-padded to one width and the padding hidden by the attention mask,
+each row at its own position; linear-attention rows hold their own states and need no mask.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,6 +42,9 @@ from .base import Generation, Prompt, strip_think
 _GPU_ONLY = ("fla", "causal_conv1d", "mamba_ssm")
 
 PREFILL_CHUNK = 2048
+# What one batch of reads may hold in model caches (each row carries its own copy of the memory's
+# attention keys and values); the reader splits larger batches.
+BATCH_BYTES = 2 << 30
 _MEMORY = "\ue000linmem-memory\ue000"
 _QUERY = "\ue000linmem-query\ue000"
 
@@ -226,6 +237,120 @@ class HFEngine:
                 logits = self.model(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1).logits
         return out
 
+    # Batched reads of one cache
+
+    def can_batch(self) -> bool:
+        """Whether this model's cache layers are ones `advance_rows` knows how to batch: plain
+        attention (keys and values that only grow) and linear-attention states."""
+        from transformers.cache_utils import LinearAttentionLayer
+
+        return all(
+            _append_only(layer) or type(layer) is LinearAttentionLayer for layer in self.new_cache().layers
+        )
+
+    def batch_size(self, cache: Any, new_tokens: int) -> int:
+        """How many rows continuing `cache` by `new_tokens` tokens each fit in BATCH_BYTES (at least 1)."""
+        fixed = grown = 0
+        for layer in cache.layers:
+            growing = _append_only(layer)
+            for name, value in vars(layer).items():
+                size = sum(t.numel() * t.element_size() for t in _tensors(value))
+                if name in growing:
+                    grown += size
+                else:
+                    fixed += size
+        length = _attention_length(cache)
+        row = fixed + (grown / length * (length + new_tokens) if length else 0)
+        # A decoding step concatenates new keys onto the old: both copies are alive for a moment.
+        return max(1, int(BATCH_BYTES // max(1.0, 2 * row)))
+
+    def advance_rows(
+        self, cache: Any, tails: Sequence[Sequence[int]], *, keep: int = 1, chunk: int = PREFILL_CHUNK
+    ) -> Rows:
+        """Run each of `tails` on top of `cache` (left unchanged), all in one batch; the result
+        equals `advance(fork(cache), tail, keep=keep)` for each tail, ready for `greedy_rows`.
+
+        The rows, shortest first, run the positions they share in one forward pass; the rows that
+        end there are set aside with their state and the others go on, so no row ever reads a
+        padding token."""
+        import torch
+
+        if not tails or not all(tails):
+            raise ValueError("advance_rows() needs at least one tail, each of at least one token")
+        order = sorted(range(len(tails)), key=lambda i: len(tails[i]))
+        base = _attention_length(cache)
+        batch = _take(cache, [0] * len(order))
+        active, pos = list(order), 0
+        parts: list[Any] = []
+        kept: list[Any] = [None] * len(tails)
+        with torch.inference_mode():
+            while active:
+                end = len(tails[active[0]])
+                for start in range(pos, end, chunk):
+                    window = [tails[i][start : min(start + chunk, end)] for i in active]
+                    # Keeping each window's last `keep` positions keeps every row's last `keep`.
+                    want = min(len(window[0]), keep)
+                    x = torch.tensor(window, dtype=torch.long, device=self.device)
+                    out = self.model(x, **{self._cache_kw: batch}, use_cache=True, logits_to_keep=want)
+                    for r, i in enumerate(active):
+                        new = out.logits[r : r + 1, -want:].float()
+                        kept[i] = new if kept[i] is None else torch.cat([kept[i], new], dim=1)[:, -keep:]
+                pos = end
+                done = sum(len(tails[i]) == end for i in active)
+                if done == len(active):
+                    parts.append(batch)
+                    break
+                parts.append(_take(batch, range(done)))
+                batch = _take(batch, range(done, len(active)))
+                active = active[done:]
+        lengths = [base + len(tails[i]) for i in order]
+        stacked = parts[0] if len(parts) == 1 else _stack(parts, max(lengths))
+        return Rows(stacked, order, lengths, kept)
+
+    def greedy_rows(
+        self, rows: Rows, max_new_tokens: int, *, trace: list[list[Any]] | None = None
+    ) -> list[list[int]]:
+        """Greedy decoding of every row in lockstep; the tokens of each tail, in the caller's order,
+        as `greedy` gives them one by one. A row that ends leaves the batch. `trace`, when given
+        (one list per tail), receives the logits each token was picked from."""
+        import torch
+
+        out: list[list[int]] = [[] for _ in rows.order]
+        cache = rows.cache
+        live = list(rows.order)
+        lengths = torch.tensor(rows.lengths, device=self.device)
+        # Rows of different lengths need the mask and their own positions (none without attention).
+        ragged = len(set(rows.lengths)) > 1 and _attention_length(cache) > 0
+        seen = torch.arange(max(rows.lengths), device=self.device)[None, :] < lengths[:, None]
+        logits = torch.cat([rows.logits[i][:, -1] for i in live])
+        step = 0
+        with torch.inference_mode():
+            while live and max_new_tokens > 0:
+                going, tokens = [], []
+                for r, (i, token) in enumerate(zip(live, logits.argmax(-1).tolist(), strict=True)):
+                    if trace is not None:
+                        trace[i].append(logits[r])
+                    if token in self.stop_ids:
+                        continue
+                    out[i].append(token)
+                    if len(out[i]) < max_new_tokens:
+                        going.append(r)
+                        tokens.append(token)
+                if not going:
+                    break
+                if len(going) < len(live):
+                    cache = _take(cache, going)
+                    live, lengths, seen = [live[r] for r in going], lengths[going], seen[going]
+                x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+                extra: dict[str, Any] = {}
+                if ragged:
+                    seen = torch.cat([seen, seen.new_ones(len(live), 1)], dim=1)
+                    extra = {"attention_mask": seen.long(), "position_ids": (lengths + step)[:, None]}
+                step_out = self.model(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1, **extra)
+                logits = step_out.logits[:, -1].float()
+                step += 1
+        return out
+
     def check_fits(self, prompt_tokens: int, max_new_tokens: int, *, what: str = "the prompt") -> None:
         """Refuse, never truncate, a prompt that does not fit the context."""
         limit = self.context_length
@@ -321,6 +446,89 @@ class HFEngine:
             for name, value in saved["attrs"].items():
                 setattr(layer, name, _decode(value, tensors, torch, self.device))
         return cache
+
+
+@dataclass
+class Rows:
+    """Continuations of one cache, one per row of a batch cache, ready for `greedy_rows`.
+
+    Row r continues the caller's tail `order[r]` (rows are sorted by length) and has `lengths[r]`
+    attention positions; the attention layers hold every row right-padded to the longest.
+    `logits[i]` are the last prompt logits of the caller's tail i, shaped (1, keep, vocab)."""
+
+    cache: Any
+    order: list[int]
+    lengths: list[int]
+    logits: list[Any]
+
+
+def _tensors(value: Any) -> list[Any]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [v for v in value.values() if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _attention_length(cache: Any) -> int:
+    for layer in cache.layers:
+        if _append_only(layer) and getattr(layer, "keys", None) is not None:
+            return int(layer.keys.shape[-2])
+    return 0
+
+
+def _take(cache: Any, rows: Sequence[int]) -> Any:
+    """A new cache holding these batch rows of `cache` (repeats allowed), sharing no tensor with it.
+
+    Every tensor of the layers `can_batch` accepts is batch-first: attention keys and values
+    (batch, heads, positions, dim), conv states (batch, channels, kernel) and recurrent states
+    (batch, heads, dk, dv)."""
+    import torch
+
+    index = torch.tensor(list(rows), dtype=torch.long)
+
+    def pick(value: Any) -> Any:
+        return value.index_select(0, index.to(value.device)) if isinstance(value, torch.Tensor) else value
+
+    twin = copy.copy(cache)
+    twin.layers = []
+    for layer in cache.layers:
+        part = copy.copy(layer)
+        for name, value in vars(layer).items():
+            picked = {k: pick(v) for k, v in value.items()} if isinstance(value, dict) else pick(value)
+            setattr(part, name, picked)
+        twin.layers.append(part)
+    return twin
+
+
+def _stack(parts: Sequence[Any], width: int) -> Any:
+    """One cache of the rows of every part, in order, attention rows right-padded to `width`."""
+    import torch
+    import torch.nn.functional as F
+
+    def join(values: list[Any], pad: bool) -> Any:
+        if not isinstance(values[0], torch.Tensor):
+            return values[0]
+        if pad:
+            values = [F.pad(v, (0, 0, 0, width - v.shape[-2])) for v in values]
+        return torch.cat(values, dim=0)
+
+    twin = copy.copy(parts[0])
+    twin.layers = []
+    for n, layer in enumerate(parts[0].layers):
+        growing = _append_only(layer)
+        merged = copy.copy(layer)
+        for name, value in vars(layer).items():
+            values = [vars(p.layers[n])[name] for p in parts]
+            if isinstance(value, dict):
+                joined: Any = {k: join([v[k] for v in values], False) for k in value}
+            else:
+                joined = join(values, name in growing)
+            setattr(merged, name, joined)
+        twin.layers.append(merged)
+    return twin
 
 
 def _append_only(layer: Any) -> tuple[str, ...]:

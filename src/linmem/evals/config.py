@@ -54,7 +54,7 @@ SYSTEM_KEYS = {
 }  # fmt: skip
 AGENT_KEYS = {"controller", "policy", "rounds", "max_new_tokens", "temperature"}
 JUDGE_KEYS = {"model"}
-RUN_KEYS = {"concurrency", "k", "seed"}
+RUN_KEYS = {"batch", "concurrency", "k", "seed"}
 TOP_KEYS = {"title", "table", "description", "tasks", "task", "systems", "agent", "judge", "run"}
 _PATHLIKE = ("annotations", "memory_dir", "path")
 

@@ -1,7 +1,9 @@
 """`linmem eval CONFIG`: run an experiment config, resumably, and write its report.
 
 Results go to ``OUT/results.jsonl``, one line per (task, system, example), flushed as they come;
-a rerun skips what is there. Memories are built under ``OUT/home``: examples that read growing
+a rerun skips what is there. Examples read with one reader call each (everything but QA through a
+controller) are read `[run] batch` at a time with `read_many` / `rank_many`, which answer as
+one-by-one reads do. Memories are built under ``OUT/home``: examples that read growing
 prefixes of one source (M3-Bench robot questions asked at increasing times) share one memory that
 only grows, so each clip is written once and state snapshots are extended, not rebuilt.
 
@@ -33,6 +35,7 @@ from .config import Config, SystemConfig, TaskConfig
 from .tasks.base import Example, Task
 
 RESULTS = "results.jsonl"
+BATCH = 8
 
 
 @dataclass
@@ -57,6 +60,7 @@ def run_eval(
     from .tasks import load_task
 
     say = echo or (lambda _msg: None)
+    batch_size(config)
     tasks = [(tc, load_task(tc.name, **tc.options)) for tc in config.tasks]
     plan = [(tc, task, select(task, limit)) for tc, task in tasks]
     for _, task, examples in plan:
@@ -88,6 +92,14 @@ def run_eval(
     write_report(config, out)
     say(f"{outcome.written} results written, {outcome.skipped} already there, {outcome.failed} failed")
     return outcome
+
+
+def batch_size(config: Config) -> int:
+    """`[run] batch`: how many examples one batched read answers (default BATCH)."""
+    size = config.run.get("batch", BATCH)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise BadInput(f"{config.path}: [run] batch must be a positive integer, found {size!r}")
+    return size
 
 
 def select(task: Task, limit: int | None) -> list[Example]:
@@ -197,17 +209,16 @@ class Evaluator:
             for _, batch in _by_upto(examples):
                 _ensure(memory, task.memory(batch[0]))
                 for system in self.config.systems:
-                    for example in batch:
-                        if (tc.label, system.name, example.id) in self.done:
-                            continue
-                        record = self._one(tc, task, memory, system, example)
-                        if record is None:
-                            failed += 1
-                        else:
-                            self.writer.write(record)
-                            written += 1
-                        if self.bar is not None:
-                            self.bar.update(1)
+                    todo = [e for e in batch if (tc.label, system.name, e.id) not in self.done]
+                    for chunk in self._chunks(todo):
+                        for record in self._many(tc, task, memory, system, chunk):
+                            if record is None:
+                                failed += 1
+                            else:
+                                self.writer.write(record)
+                                written += 1
+                            if self.bar is not None:
+                                self.bar.update(1)
         finally:
             memory.close()
             # A memory assembled for one synthetic example is never read again: free its disk.
@@ -215,12 +226,58 @@ class Evaluator:
                 shutil.rmtree(memory.path, ignore_errors=True)
         return written, failed
 
+    def _chunks(self, examples: list[Example]) -> list[list[Example]]:
+        """Runs of consecutive examples asked with the same kind of reader call, at most `[run]
+        batch` long; a controller dialogue runs alone. Order is kept, so each read finds the
+        reader's caches as one-by-one reads would."""
+        from .score import call
+
+        size = batch_size(self.config)
+        chunks: list[list[Example]] = []
+        for e in examples:
+            last = chunks[-1] if chunks else None
+            mode = call(e, self.config)
+            if last and mode != "agent" and call(last[0], self.config) == mode and len(last) < size:
+                last.append(e)
+            else:
+                chunks.append([e])
+        return chunks
+
+    def _many(
+        self, tc: TaskConfig, task: Task, memory: Memory, system: SystemConfig, examples: list[Example]
+    ) -> list[dict[str, Any] | None]:
+        """The records of `examples`, read in one batch; on an error, one by one, so that each
+        example records its own outcome."""
+        from .score import score_many
+
+        if len(examples) == 1:
+            return [self._one(tc, task, memory, system, examples[0])]
+        try:
+            reader = memory.reader(system.backend, **self._reader_options(system))
+            results = score_many(examples, reader, self.config, self._get_judge(), task_name=tc.name)
+        except (ContextOverflow, EmptyMemory, EngineError):
+            return [self._one(tc, task, memory, system, e) for e in examples]
+        return [self._record(tc, system, e) | r for e, r in zip(examples, results, strict=True)]
+
     def _one(
         self, tc: TaskConfig, task: Task, memory: Memory, system: SystemConfig, example: Example
     ) -> dict[str, Any] | None:
         from .score import score
 
-        record: dict[str, Any] = {
+        record = self._record(tc, system, example)
+        try:
+            reader = memory.reader(system.backend, **self._reader_options(system))
+            record |= score(example, reader, self.config, self._get_judge(), task_name=tc.name)
+        except (ContextOverflow, EmptyMemory) as e:
+            record |= {"error": {"code": e.code, "message": str(e)}, "metrics": _misses(example, self.config)}
+        except EngineError as e:
+            print(f"linmem eval: {system.name} on {example.id}: {e} (will retry on rerun)", file=sys.stderr)
+            return None
+        return record
+
+    @staticmethod
+    def _record(tc: TaskConfig, system: SystemConfig, example: Example) -> dict[str, Any]:
+        return {
             "task": tc.label,
             "system": system.name,
             "id": example.id,
@@ -231,15 +288,6 @@ class Evaluator:
             "gold_clips": list(example.gold_clips),
             "meta": example.meta,
         }
-        try:
-            reader = memory.reader(system.backend, **self._reader_options(system))
-            record |= score(example, reader, self.config, self._get_judge(), task_name=tc.name)
-        except (ContextOverflow, EmptyMemory) as e:
-            record |= {"error": {"code": e.code, "message": str(e)}, "metrics": _misses(example, self.config)}
-        except EngineError as e:
-            print(f"linmem eval: {system.name} on {example.id}: {e} (will retry on rerun)", file=sys.stderr)
-            return None
-        return record
 
     def _reader_options(self, system: SystemConfig) -> dict[str, Any]:
         options = dict(system.options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..types import Answer
@@ -12,34 +13,67 @@ from .tasks.base import Example
 
 def score(example: Example, reader: Any, config: Config, judge: Any, *, task_name: str) -> dict[str, Any]:
     """Run `example` against `reader` and score it by its kind."""
-    if example.kind == "retrieval":
-        return _retrieval(example, reader, config)
-    if example.kind == "qa" and config.agent:
-        from ..agent import Agent
+    mode = call(example, config)
+    if mode == "rank":
+        return _retrieval(example, reader.rank(example.question, max(config.k)), config)
+    if mode == "read":
+        return _answered(example, reader.read(example.question), config, judge, task_name)
+    from ..agent import Agent
 
-        trace = Agent(reader, **config.agent).run(example.question)
-        prediction = trace.answer
-        rt = trace.reader_tokens
-        result: dict[str, Any] = {
-            "prediction": prediction,
-            "trace": trace.to_dict(),
-            "model": trace.reader,
-            "tokens": {
-                "memory": rt.memory,
-                "processed": rt.processed,
-                "cached": rt.cached,
-                "generated": rt.generated,
-            },
-            "timings": {
-                "total_s": trace.total_s,
-                "controller_s": trace.controller_s,
-                "reader_s": trace.reader_s,
-            },
-        }
-    else:
-        answer = reader.read(example.question)
-        prediction = answer.text
-        result = {"prediction": prediction, "clips": list(answer.clips)} | _accounting(answer)
+    assert config.agent
+    trace = Agent(reader, **config.agent).run(example.question)
+    rt = trace.reader_tokens
+    result: dict[str, Any] = {
+        "prediction": trace.answer,
+        "trace": trace.to_dict(),
+        "model": trace.reader,
+        "tokens": {
+            "memory": rt.memory,
+            "processed": rt.processed,
+            "cached": rt.cached,
+            "generated": rt.generated,
+        },
+        "timings": {
+            "total_s": trace.total_s,
+            "controller_s": trace.controller_s,
+            "reader_s": trace.reader_s,
+        },
+    }
+    return _finish(example, trace.answer, result, judge, task_name)
+
+
+def score_many(
+    examples: Sequence[Example], reader: Any, config: Config, judge: Any, *, task_name: str
+) -> list[dict[str, Any]]:
+    """`[score(e, ...) for e in examples]` for examples asked by one kind of reader call (`call`
+    gives the same "rank" or "read" for all), with the calls batched: `rank_many`, `read_many`."""
+    modes = {call(e, config) for e in examples}
+    questions = [e.question for e in examples]
+    if modes == {"rank"}:
+        ranked = reader.rank_many(questions, max(config.k))
+        return [_retrieval(e, a, config) for e, a in zip(examples, ranked, strict=True)]
+    if modes == {"read"}:
+        read = reader.read_many(questions)
+        return [_answered(e, a, config, judge, task_name) for e, a in zip(examples, read, strict=True)]
+    raise ValueError(f"score_many needs examples of one batchable kind of call, found {sorted(modes)}")
+
+
+def call(example: Example, config: Config) -> str:
+    """How an example asks its reader: "rank" (retrieval), "read" (one answer), or "agent" (a
+    controller dialogue of several reads, which cannot be batched with other examples)."""
+    if example.kind == "retrieval":
+        return "rank"
+    return "agent" if example.kind == "qa" and config.agent else "read"
+
+
+def _answered(example: Example, answer: Answer, config: Config, judge: Any, task_name: str) -> dict[str, Any]:
+    result = {"prediction": answer.text, "clips": list(answer.clips)} | _accounting(answer)
+    return _finish(example, answer.text, result, judge, task_name)
+
+
+def _finish(
+    example: Example, prediction: str | None, result: dict[str, Any], judge: Any, task_name: str
+) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     if example.kind == "qa":
         metrics |= _qa_metrics(example, prediction, task_name)
@@ -53,9 +87,8 @@ def score(example: Example, reader: Any, config: Config, judge: Any, *, task_nam
     return result | {"metrics": metrics}
 
 
-def _retrieval(example: Example, reader: Any, config: Config) -> dict[str, Any]:
+def _retrieval(example: Example, answer: Answer, config: Config) -> dict[str, Any]:
     top = max(config.k)
-    answer = reader.rank(example.question, top)
     ranked, gold = list(answer.clips), list(example.gold_clips)
     metrics = {f"hit@{k}": M.exact_hit(ranked, gold, k) for k in config.k}
     metrics |= {f"recall@{k}": M.recall_at_k(ranked, gold, k) for k in config.k}

@@ -117,11 +117,33 @@ class EmbeddingReader:
             except (LinmemError, sqlite3.Error, OSError) as e:
                 log.warning("embedding new items deferred to the next read: %s", e)
 
+    def read_many(self, queries: Sequence[str]) -> list[Answer]:
+        """`[self.read(q) for q in queries]`, with one sync of the vectors for them all."""
+        return self._answers(queries, self.top_k, clips_only=False)
+
+    def rank_many(self, queries: Sequence[str], k: int = 5) -> list[Answer]:
+        """`[self.rank(q, k) for q in queries]`, with one sync of the vectors for them all."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise BadInput(f"k must be a positive integer, found {k!r}")
+        return self._answers(queries, k, clips_only=True)
+
     def _answer(
         self, query: str, k: int, *, clips_only: bool, exclude: frozenset[int] = frozenset()
     ) -> Answer:
-        if not isinstance(query, str) or not query.strip():
-            raise BadInput(f"query must be a non-empty string, found {query!r}")
+        return self._answers([query], k, clips_only=clips_only, exclude=exclude)[0]
+
+    def _answers(
+        self, queries: Sequence[str], k: int, *, clips_only: bool, exclude: frozenset[int] = frozenset()
+    ) -> list[Answer]:
+        """One answer per query. Syncing the vectors (its tokens, seconds and notes) is counted on
+        the first. Each query is embedded on its own: a sentence-transformers batch pads its texts,
+        which moves the vectors in the last bits and could reorder near-tied clips, and an answer
+        must not depend on the queries it was asked with."""
+        for query in queries:
+            if not isinstance(query, str) or not query.strip():
+                raise BadInput(f"query must be a non-empty string, found {query!r}")
+        if not queries:
+            return []
         start = time.perf_counter()
         with self._lock:
             # Checked before the sync too, so that an empty memory does not load a model to say so.
@@ -131,16 +153,32 @@ class EmbeddingReader:
             vectors = self._require_vectors()
             if not len(vectors):
                 raise self._empty()
-            query_start = time.perf_counter()
-            q = self.embedder.embed([query])[0]
-            query_tokens = self.embedder.count_tokens([query])[0]
-            hits = self._search(vectors, q, k, clips_only=clips_only, exclude=exclude)
-            timings = Timings(
-                total_s=time.perf_counter() - start,
-                prefill_s=work.embed_s,
-                query_s=time.perf_counter() - query_start,
-            )
-            total, known = vectors.total_tokens(), vectors.tokens_known()
+            answers = []
+            for query in queries:
+                query_start = time.perf_counter()
+                q = self.embedder.embed([query])[0]
+                query_tokens = self.embedder.count_tokens([query])[0]
+                hits = self._search(vectors, q, k, clips_only=clips_only, exclude=exclude)
+                timings = Timings(
+                    total_s=time.perf_counter() - start,
+                    prefill_s=work.embed_s,
+                    query_s=time.perf_counter() - query_start,
+                )
+                answers.append(self._build(vectors, hits, query_tokens, work, timings, clips_only=clips_only))
+                work, start = _Work(), time.perf_counter()
+        return answers
+
+    def _build(
+        self,
+        vectors: _Vectors,
+        hits: list[tuple[Hit, list[Item]]],
+        query_tokens: int,
+        work: _Work,
+        timings: Timings,
+        *,
+        clips_only: bool,
+    ) -> Answer:
+        total, known = vectors.total_tokens(), vectors.tokens_known()
         if not hits and not clips_only:
             work = work.plus(_Work(notes=(f"nothing scored at or above the threshold {self.threshold}",)))
         return Answer(

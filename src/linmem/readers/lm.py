@@ -9,6 +9,9 @@ cache plays the snapshot's part.
 A memory longer than the model's context is never truncated: by default the read stops with
 ContextOverflow; with `overflow="window"` the memory is read in consecutive windows that each
 answer the question, and a last call combines their answers.
+
+`read_many` and `rank_many` answer several questions from one snapshot in one batch (see
+`HFEngine.advance_rows`), with the answers `read` and `rank` give one by one.
 """
 
 from __future__ import annotations
@@ -102,17 +105,113 @@ class LMReader:
         clips = tuple(render.parse_ranking(gen.text, self.memory.log.clips())[:k])
         return self._answer(gen, clips, t0, notes)
 
-    def _answer(self, gen: Generation, clips: tuple[int, ...], t0: float, notes: list[str]) -> Answer:
+    def read_many(self, queries: Sequence[str]) -> list[Answer]:
+        """`[self.read(q) for q in queries]`, read in batches from one snapshot (see
+        `_complete_many` for how work and time are shared out)."""
+        done = self._complete_many([_Ask("read", q, 0) for q in queries], self.max_new_tokens)
+        valid = self.memory.log.clips()
+        return [
+            self._answer(gen, tuple(c for c in render.parse_clips(gen.text) if c in valid), 0.0, notes, total)
+            for gen, notes, total in done
+        ]
+
+    def rank_many(self, queries: Sequence[str], k: int = 5) -> list[Answer]:
+        """`[self.rank(q, k) for q in queries]`, read in batches from one snapshot."""
+        done = self._complete_many([_Ask("rank", q, k) for q in queries], 8 * k + 16)
+        clips = self.memory.log.clips()
+        return [
+            self._answer(gen, tuple(render.parse_ranking(gen.text, clips)[:k]), 0.0, notes, total)
+            for gen, notes, total in done
+        ]
+
+    def _answer(
+        self,
+        gen: Generation,
+        clips: tuple[int, ...],
+        t0: float,
+        notes: list[str],
+        total_s: float | None = None,
+    ) -> Answer:
         if getattr(self.engine, "label", ""):
             notes = [f"{self.engine.id} has {self.engine.label}: its answers are noise", *notes]
+        total = time.perf_counter() - t0 if total_s is None else total_s
         return Answer(
             text=gen.text.strip(),
             clips=clips,
             model=self.model_id,
             tokens=Tokens(gen.memory_tokens, gen.processed, gen.cached, gen.generated),
-            timings=Timings(time.perf_counter() - t0, gen.prefill_s, gen.query_s, gen.generate_s),
+            timings=Timings(total, gen.prefill_s, gen.query_s, gen.generate_s),
             notes=tuple(notes),
         )
+
+    def _complete_many(self, asks: Sequence[_Ask], max_new: int) -> list[tuple[Generation, list[str], float]]:
+        """Each ask's generation, notes and seconds: batched from the snapshot when the engine can,
+        else (stateless, HTTP, a model whose cache cannot be batched, a memory or question that
+        does not fit) one by one, exactly as `read` and `rank` do it, errors included."""
+        if not asks:
+            return []
+        if self.memory.log.state().count == 0:
+            raise EmptyMemory(f"memory {self.memory.name!r} is empty: write items first (linmem write)")
+        if not self.stateless and isinstance(self.engine, HFEngine) and self.engine.can_batch():
+            try:
+                batched = self._many_from_snapshot(asks, max_new)
+            except ContextOverflow:
+                batched = None  # raised before any work was done
+            if batched is not None:
+                return batched
+        # One by one, so that the read that does not fit fails (or is windowed) as it would alone.
+        done = []
+        for ask in asks:
+            t0 = time.perf_counter()
+            gen, notes = self._complete(ask, max_new)
+            done.append((gen, notes, time.perf_counter() - t0))
+        return done
+
+    def _many_from_snapshot(
+        self, asks: Sequence[_Ask], max_new: int
+    ) -> list[tuple[Generation, list[str], float]] | None:
+        """Batched `_from_snapshot` for asks of one kind (one stem); None when a question alone
+        does not fit the context.
+
+        Accounting per answer, as one-by-one reads would report it: bringing the snapshot and the
+        stem up to date (tokens and `prefill_s`) is counted once, on the first ask; each answer
+        processes its own query tokens. A batch's prompt seconds are shared out in proportion to
+        the query tokens, its decoding seconds to the decoding steps each row took part in
+        (tokens generated, plus the step that picked its end), and what is left of the call's
+        wall time equally, so the answers' `total_s` add up to the call's."""
+        engine, store = self.engine, self._store
+        assert isinstance(engine, HFEngine) and store is not None
+        t0 = time.perf_counter()
+        prompts_ = [ask.prompt([]) for ask in asks]
+        stem = engine.stem_ids(prompts_[0])
+        tails = [engine.tail_ids(p) for p in prompts_]
+        budget = self._memory_budget(len(stem) + max(len(t) for t in tails), max_new)
+        if budget is not None and budget < len(engine.encode(store.head)):
+            return None
+        snap, update = store.get(budget)
+        t1 = time.perf_counter()
+        base, stem_new = self._after_stem(snap, prompts_[0].stem, stem)
+        t2 = time.perf_counter()
+        outs, query_s, generate_s = self._batches(base, tails, max_new)
+        prefill = update.seconds + (t2 - t1)
+        rest = (time.perf_counter() - t0 - prefill - sum(query_s) - sum(generate_s)) / len(asks)
+        done = []
+        for i, out in enumerate(outs):
+            first = i == 0
+            gen = Generation(
+                text=engine.decode(out),
+                memory_tokens=snap.tokens,
+                processed=(update.tokens + stem_new if first else 0) + len(tails[i]),
+                cached=snap.tokens + len(stem) - (update.tokens + stem_new if first else 0),
+                generated=len(out),
+                prefill_s=prefill if first else 0.0,
+                query_s=query_s[i],
+                generate_s=generate_s[i],
+            )
+            reason = update.reason if first else "up to date"
+            total = (prefill if first else 0.0) + query_s[i] + generate_s[i] + rest
+            done.append((gen, [f"snapshot: {reason}"], total))
+        return done
 
     def _complete(self, ask: _Ask, max_new: int) -> tuple[Generation, list[str]]:
         if self.memory.log.state().count == 0:
@@ -179,6 +278,31 @@ class LMReader:
             generate_s=t4 - t3,
         )
         return gen, [f"snapshot: {update.reason}"]
+
+    def _batches(
+        self, base: Any, tails: list[list[int]], max_new: int
+    ) -> tuple[list[list[int]], list[float], list[float]]:
+        """Each tail's tokens generated on top of `base`, and its shares of the prompt and decoding
+        seconds, in batches as large as the engine's byte budget allows."""
+        engine = self.engine
+        assert isinstance(engine, HFEngine)
+        # Similar lengths batch together: fewer prompt phases and less padding.
+        order = sorted(range(len(tails)), key=lambda i: len(tails[i]))
+        size = engine.batch_size(base, max(len(t) for t in tails) + max_new)
+        outs: list[list[int]] = [[] for _ in tails]
+        query_s, generate_s = [0.0] * len(tails), [0.0] * len(tails)
+        for lo in range(0, len(order), size):
+            group = order[lo : lo + size]
+            t0 = time.perf_counter()
+            rows = engine.advance_rows(base, [tails[i] for i in group])
+            t1 = time.perf_counter()
+            generated = engine.greedy_rows(rows, max_new)
+            t2 = time.perf_counter()
+            q_share = _shares([len(tails[i]) for i in group], t1 - t0)
+            g_share = _shares([len(g) + 1 for g in generated], t2 - t1)
+            for j, i in enumerate(group):
+                outs[i], query_s[i], generate_s[i] = generated[j], q_share[j], g_share[j]
+        return outs, query_s, generate_s
 
     def _after_stem(self, snap: Any, stem_text: str, stem: list[int]) -> tuple[Any, int]:
         """The state after the memory and a kind of read's fixed instruction, kept per snapshot;
@@ -275,6 +399,13 @@ class _Ask:
 def _clip_label(items: Sequence[Item]) -> str:
     clips = [i.clip for i in items if i.clip is not None]
     return f"clips {min(clips)}-{max(clips)}" if clips else f"{len(items)} items"
+
+
+def _shares(weights: Sequence[int], seconds: float) -> list[float]:
+    total = sum(weights)
+    if total <= 0:
+        return [seconds / len(weights)] * len(weights)
+    return [seconds * w / total for w in weights]
 
 
 def _round_robin(lists: list[list[int]]) -> list[list[int]]:
