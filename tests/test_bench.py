@@ -8,8 +8,7 @@ import random
 import pytest
 
 from linmem import bench
-from linmem.memory import open_memory
-from linmem.serving import shell, sglang_command, vllm_command
+from linmem.serving import sglang_command, shell, vllm_command
 
 
 def test_full_size_arithmetic() -> None:
