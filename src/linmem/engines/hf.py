@@ -59,10 +59,15 @@ def _device() -> str:
 
 
 def _guard_gpu_only_packages(device: str) -> None:
+    """On the CPU: hide the GPU-only kernel packages from transformers, and put linmem's exact
+    CPU delta-rule kernels in place of transformers' reference fallbacks (linmem.kernels)."""
     if device.startswith("cpu"):
         for name in _GPU_ONLY:
             if name not in sys.modules:
                 sys.modules[name] = None  # type: ignore[assignment]
+        from ..kernels import install
+
+        install()
 
 
 class HFEngine:
