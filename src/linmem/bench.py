@@ -470,9 +470,29 @@ def _print_tables(r: dict[str, Any], say: Callable[[str], None]) -> None:
     )
     k = r.get("kernels", {})
     if isinstance(k, dict) and "kda" in k:
-        say(f"\nkernels: {json.dumps(k)}")
+        say(
+            f"\ndelta-rule kernels at {k['tokens']} tokens x {k['heads']} heads x {k['dim']}; "
+            f"fp32 matmul rate {k['matmul_gflops']:.0f} GFLOP/s"
+        )
+        say(_table(
+            ["kernel", "ours ms", "reference ms", "speedup", "GFLOP/s", "of roofline", "err", "exact"],
+            [
+                [name, _r(x.get("ours_ms")), _r(x.get("reference_ms")), _r(x.get("speedup")),
+                 _r(x.get("gflops")), _pct(x.get("roofline_fraction")), f"{x['err_ours_vs_naive']:.1e}",
+                 x["exact"]]
+                for name, x in (("GDN", k["gdn"]), ("KDA", k["kda"]))
+            ],
+        ))  # fmt: skip
     say("\ntargets")
     say(_table(["target", "value", "met"], [[t, v["value"], v["met"]] for t, v in r["targets"].items()]))
+
+
+def _r(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
