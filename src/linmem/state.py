@@ -30,6 +30,9 @@ import os
 import threading
 import time
 import uuid
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,52 @@ class Update:
     reason: str
 
 
+class RamBudget:
+    """A process-wide cap on the bytes of snapshots held in RAM, least recently used out first.
+
+    An evicted snapshot stays on disk and is loaded again at its next use. No cap by default (a
+    library user holds what they open); the service sets one.
+    """
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+        self._held: OrderedDict[int, tuple[weakref.ref[SnapshotStore], int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def touch(self, store: SnapshotStore, snap: Snapshot) -> None:
+        if self.limit is None:
+            return
+        size = store.nbytes(snap)
+        with self._lock:
+            self._held[id(store)] = (weakref.ref(store), size)
+            self._held.move_to_end(id(store))
+            victims = []
+            total = sum(s for _, s in self._held.values())
+            for key, (ref, s) in list(self._held.items()):
+                if total <= self.limit or key == id(store):
+                    continue
+                del self._held[key]
+                total -= s
+                if (victim := ref()) is not None:
+                    victims.append(victim)
+        for victim in victims:
+            victim.drop()
+
+    def held(self) -> int:
+        """Bytes of the snapshots in RAM now."""
+        with self._lock:
+            entries = [(ref(), s) for ref, s in self._held.values()]
+        return sum(s for store, s in entries if store is not None and store._snap is not None)
+
+
+RAM = RamBudget()
+
+
+def set_ram_budget(nbytes: int | None) -> None:
+    """Cap the RAM that state snapshots may hold across the process (None: no cap)."""
+    RAM.limit = nbytes
+
+
 class SnapshotStore:
     """The snapshot of one memory for one engine and one prompt head, in RAM and on disk."""
 
@@ -79,10 +128,17 @@ class SnapshotStore:
         self._snap: Snapshot | None = None
         self._disk: dict[str, Any] | None = None
         self._lock = threading.Lock()
+        self.on_drop: list[Callable[[], None]] = []
 
     def get(self, budget: int | None = None) -> tuple[Snapshot, Update]:
         """The snapshot for the log as it is now. `budget` caps the memory prefix in tokens: a
         memory that would exceed it raises ContextOverflow before any work is done."""
+        snap, update = self._get(budget)
+        # Outside our own lock: making room may drop other stores' snapshots (and take their locks).
+        RAM.touch(self, snap)
+        return snap, update
+
+    def _get(self, budget: int | None) -> tuple[Snapshot, Update]:
         with self._lock:
             state = self.log.state()
             snap, reason = self._snap, ""
@@ -103,9 +159,15 @@ class SnapshotStore:
             return snap, update
 
     def drop(self) -> None:
-        """Forget the RAM copy (the disk copy stays)."""
+        """Forget the RAM copy (the disk copy stays); listeners (a reader's derived states) too."""
         with self._lock:
             self._snap = None
+        for listener in list(self.on_drop):
+            listener()
+
+    def nbytes(self, snap: Snapshot) -> int:
+        tensors, _ = self.engine.cache_to_tensors(snap.cache)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def _advance(self, snap: Snapshot | None, budget: int | None, reason: str) -> tuple[Snapshot, Update]:
         state = self.log.state()

@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ from .base import Generation, Prompt, strip_think
 _GPU_ONLY = ("fla", "causal_conv1d", "mamba_ssm")
 
 PREFILL_CHUNK = 2048
+# A window's attention mask holds (window x cached tokens) entries; cap it at a 4k prefill's.
+MASK_ELEMENTS = PREFILL_CHUNK * 4096
+MIN_CHUNK = 128
 # What one batch of reads may hold in model caches (each row carries its own copy of the memory's
 # attention keys and values); the reader splits larger batches.
 BATCH_BYTES = 2 << 30
@@ -95,7 +99,14 @@ class HFEngine:
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.stop_ids = _stop_ids(model, tokenizer)
+        self._compute = threading.Lock()
         self._split_cache: dict[tuple[str, str, str, str], tuple[str, str]] = {}
+
+    def _forward(self, x: Any, **kwargs: Any) -> Any:
+        # One forward pass at a time per model: on a CPU each already uses every core, and
+        # interleaving threads' passes would only thrash the caches (the service batches instead).
+        with self._compute:
+            return self.model(x, **kwargs)
 
     # Prompt -> ids
 
@@ -184,26 +195,34 @@ class HFEngine:
         ids: Sequence[int],
         *,
         keep: int = 1,
-        chunk: int = PREFILL_CHUNK,
+        chunk: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Any:
-        """Run `ids` through the model on top of `cache` (updated in place), in windows of `chunk`
-        tokens that continue the state. Returns the logits of the last `keep` positions."""
+        """Run `ids` through the model on top of `cache` (updated in place), in windows that
+        continue the state. Returns the logits of the last `keep` positions.
+
+        By default a window is PREFILL_CHUNK tokens, shrinking as the cache grows so that a
+        window's attention mask (window x cached tokens) stays the size a 4k-token prefill needs:
+        peak memory then does not grow with the memory's length. `chunk` fixes the window."""
         import torch
 
         if not ids:
             raise ValueError("advance() needs at least one token")
         logits = []
+        past = _attention_length(cache)
         with torch.inference_mode():
-            for start in range(0, len(ids), chunk):
-                window = ids[start : start + chunk]
+            start = 0
+            while start < len(ids):
+                size = chunk or max(MIN_CHUNK, min(PREFILL_CHUNK, MASK_ELEMENTS // max(1, past + start)))
+                window = ids[start : start + size]
                 want = min(len(window), max(0, keep - (len(ids) - start - len(window))))
                 x = torch.tensor([window], dtype=torch.long, device=self.device)
-                out = self.model(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=max(1, want))
+                out = self._forward(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=max(1, want))
                 if want:
                     logits.append(out.logits[:, -want:].float())
                 if progress is not None:
                     progress(len(window))
+                start += len(window)
         return torch.cat(logits, dim=1)[:, -keep:]
 
     def greedy(self, cache: Any, logits: Any, max_new_tokens: int) -> list[int]:
@@ -239,7 +258,7 @@ class HFEngine:
                 if len(out) == max_new_tokens:
                     break
                 x = torch.tensor([[token]], dtype=torch.long, device=self.device)
-                logits = self.model(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1).logits
+                logits = self._forward(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1).logits
         return out
 
     # Batched reads of one cache
@@ -296,7 +315,7 @@ class HFEngine:
                     # Keeping each window's last `keep` positions keeps every row's last `keep`.
                     want = min(len(window[0]), keep)
                     x = torch.tensor(window, dtype=torch.long, device=self.device)
-                    out = self.model(x, **{self._cache_kw: batch}, use_cache=True, logits_to_keep=want)
+                    out = self._forward(x, **{self._cache_kw: batch}, use_cache=True, logits_to_keep=want)
                     for r, i in enumerate(active):
                         new = out.logits[r : r + 1, -want:].float()
                         kept[i] = new if kept[i] is None else torch.cat([kept[i], new], dim=1)[:, -keep:]
@@ -351,7 +370,9 @@ class HFEngine:
                 if ragged:
                     seen = torch.cat([seen, seen.new_ones(len(live), 1)], dim=1)
                     extra = {"attention_mask": seen.long(), "position_ids": (lengths + step)[:, None]}
-                step_out = self.model(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1, **extra)
+                step_out = self._forward(
+                    x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1, **extra
+                )
                 logits = step_out.logits[:, -1].float()
                 step += 1
         return out

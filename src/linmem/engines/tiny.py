@@ -18,7 +18,7 @@ from typing import Any
 
 SEED = 1234
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-CONTEXT_LENGTH = 65536
+CONTEXT_LENGTH = 262144  # like Qwen3.5 and Kimi-Linear: room for the benchmarks' 64k memories
 
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"

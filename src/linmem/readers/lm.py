@@ -65,6 +65,7 @@ class LMReader:
             self._store = SnapshotStore(
                 self.engine, memory.log, memory.cache_dir / "state", head, persist=persist
             )
+            self._store.on_drop.append(self._forget_stems)
 
     @property
     def context_length(self) -> int | None:
@@ -73,6 +74,12 @@ class LMReader:
         limit = self.engine.context_length
         cap = self._cap
         return min(cap, limit) if cap and limit else cap or limit
+
+    def _forget_stems(self) -> None:
+        # The snapshot left RAM: the states derived from it go too (they share its tensors).
+        with self._stems_lock:
+            for text, (_, _, ids) in list(self._stems.items()):
+                self._stems[text] = (None, None, ids)
 
     @property
     def model_id(self) -> str:
