@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = command("delete", cmd_delete, "delete a memory entirely")
     d.add_argument("name")
 
+    _tool_commands(command)
+
+    demo = command("demo", cmd_demo, "write a sample memory and answer questions with both readers")
+    demo.add_argument("--model", help="LM reader model spec (default hf:Qwen/Qwen3.5-0.8B)")
+    return p
+
+
+Command = Callable[[str, Callable[[argparse.Namespace], Any], str], argparse.ArgumentParser]
+
+
+def _tool_commands(command: Command) -> None:
+    """eval, bench, serve and mcp: the commands that run the library as a tool or a server."""
     e = command(
         "eval", cmd_eval, "run an experiment config (a table of the paper), resumably, and write its report"
     )
@@ -150,9 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint", metavar="URL#MODEL", help="time reads against a live OpenAI-compatible server"
     )
 
-    demo = command("demo", cmd_demo, "write a sample memory and answer questions with both readers")
-    demo.add_argument("--model", help="LM reader model spec (default hf:Qwen/Qwen3.5-0.8B)")
-    return p
+    sv = command("serve", cmd_serve, "serve the HTTP API (FastAPI; OpenAPI spec at /openapi.json)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    sv.add_argument("--token-file", type=Path, help="file holding the bearer token (else $LINMEM_API_KEY)")
+    sv.add_argument("--ram-budget-mb", type=int, default=2048, help="RAM for state snapshots (default 2048)")
+
+    mc = command(
+        "mcp", cmd_mcp, "run the MCP server (tools: memory_write, memory_query, memory_search, memory_list)"
+    )
+    mc.add_argument(
+        "--transport", choices=["stdio", "http"], default="stdio", help="stdio (default) or streamable HTTP"
+    )
+    mc.add_argument("--host", default="127.0.0.1", help="address for --transport http (default 127.0.0.1)")
+    mc.add_argument("--port", type=int, default=8766, help="port for --transport http (default 8766)")
+    mc.add_argument(
+        "--token-file", type=Path, help="bearer token file for --transport http (else $LINMEM_API_KEY)"
+    )
 
 
 def _reader_options(a: argparse.ArgumentParser) -> None:
@@ -365,6 +391,21 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     out = args.out or Path("bench-out")
     return run_bench(quick=args.quick, out=out, endpoint=args.endpoint, echo=not args.json)
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from .service.http import serve
+
+    serve(home=args.home, host=args.host, port=args.port, token_file=args.token_file,
+          ram_budget=args.ram_budget_mb * 2**20)  # fmt: skip
+    return {"stopped": True}
+
+
+def cmd_mcp(args: argparse.Namespace) -> dict[str, Any]:
+    from .service.mcp import run
+
+    run(home=args.home, transport=args.transport, host=args.host, port=args.port, token_file=args.token_file)
+    return {"stopped": True}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
