@@ -112,8 +112,11 @@ class Log:
                 raise
         return [item.with_id(int(i or 0)) for item, i in zip(items, ids, strict=True)]
 
-    def items(self, after_id: int = 0, ids: Iterable[int] | None = None) -> list[Item]:
-        """Items in log order; only those with id > `after_id`, or only the given `ids`."""
+    def items(
+        self, after_id: int = 0, ids: Iterable[int] | None = None, limit: int | None = None
+    ) -> list[Item]:
+        """Items in log order; only those with id > `after_id`, or only the given `ids`; at most
+        `limit` of them."""
         query = "SELECT id, text, clip, time, source, meta FROM items WHERE id > ?"
         args: list[Any] = [after_id]
         if ids is not None:
@@ -121,7 +124,8 @@ class Log:
             query += f" AND id IN ({','.join('?' * len(wanted))})"
             args += wanted
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY id", args).fetchall()
+            tail = " ORDER BY id" + (" LIMIT ?" if limit is not None else "")
+            rows = self._db.execute(query + tail, args + ([limit] if limit is not None else [])).fetchall()
         return [
             Item(text=t, clip=c, time=tm, source=s, meta=json.loads(m), id=i) for i, t, c, tm, s, m in rows
         ]

@@ -9,6 +9,8 @@ budget, least recently used out first, and are reloaded from disk when needed ag
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import LinmemError, NoSuchMemory
+from ..errors import BadInput, LinmemError, NoSuchMemory
 from ..memory import Memory, check_name, default_home, delete_memory, memories, open_memory
 from ..state import set_ram_budget
 from ..types import Answer, Item
@@ -29,6 +31,13 @@ BATCH_MAX = 8
 
 class Conflict(LinmemError):
     code = "conflict"
+
+
+class NoSuchItem(NoSuchMemory):
+    """The memory exists but holds no item with that id (a subclass, so `except NoSuchMemory` still
+    catches it; its own code tells a client the memory itself is there)."""
+
+    code = "no_such_item"
 
 
 @dataclass
@@ -90,12 +99,12 @@ class Service:
             return handle.memory.write(items)
 
     def items(self, name: str, *, after: int = 0, limit: int = 100) -> list[Item]:
-        return self._handle(name).memory.log.items(after_id=after)[:limit]
+        return self._handle(name).memory.log.items(after_id=after, limit=limit)
 
     def item(self, name: str, item_id: int) -> Item:
         found = self._handle(name).memory.log.items(ids=[item_id])
         if not found:
-            raise NoSuchMemory(f"memory {name!r} has no item {item_id}")
+            raise NoSuchItem(f"memory {name!r} has no item {item_id}")
         return found[0]
 
     def forget(self, name: str, ids: Sequence[int]) -> int:
@@ -115,8 +124,9 @@ class Service:
 
     def agent(self, name: str, question: str, *, controller: str | None = None, policy: str = "m3",
               rounds: int = 5, backend: str = "lm", **options: Any) -> dict[str, Any]:  # fmt: skip
-        from ..agent import Agent
+        from ..agent import Agent, check_settings
 
+        check_settings(policy, controller, rounds)  # before a reader loads its model
         reader = self._handle(name).memory.reader(backend, **options)
         return Agent(reader, controller=controller, policy=policy, rounds=rounds).run(question).to_dict()
 
@@ -184,3 +194,34 @@ def _ranker(reader: Any, k: int) -> Callable[[list[str]], list[Answer]]:
         return list(reader.rank_many(queries, k))
 
     return rank
+
+
+def load_token(token_file: str | Path | None = None) -> str | None:
+    """The bearer token clients must send: the contents of `token_file`, else `$LINMEM_API_KEY`,
+    else None (no authentication)."""
+    if token_file is None:
+        return os.environ.get("LINMEM_API_KEY") or None
+    path = Path(token_file).expanduser()
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read the token file {path}: {e}") from None
+    if not token:
+        raise BadInput(f"the token file {path} is empty")
+    return token
+
+
+def check_exposure(host: str, token: str | None) -> None:
+    """Refuse to listen beyond this machine without a token: anyone who can reach the port could
+    read and rewrite every memory."""
+    if token is not None:
+        return
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise BadInput(
+            f"refusing to serve on {host!r} without a token: set $LINMEM_API_KEY or pass --token-file, "
+            "or listen on 127.0.0.1"
+        )

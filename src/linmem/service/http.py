@@ -1,0 +1,364 @@
+"""The HTTP API (`linmem serve`): FastAPI routes over `Service`, each a few lines calling one method.
+
+Before any route runs, one ASGI guard checks the bearer token and the body size, so a refused
+request never reaches a handler and an oversized body is never parsed. Every error is the JSON
+object ``{"error": {"code", "message"}}`` with the library's stable codes. Routes are plain
+functions, which FastAPI runs in its thread pool: the `Service` serialises writes to a memory,
+runs reads concurrently and batches questions that arrive together.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..errors import BadInput, LinmemError
+from ..itemfile import item_from_dict
+from ..types import Item
+from .core import DEFAULT_RAM_BUDGET, NoSuchItem, Service, check_exposure, load_token
+
+MAX_REQUEST_BYTES = 8 * 2**20
+MAX_ITEM_BYTES = 64 * 2**10
+
+STATUS = {
+    "bad_name": 400,
+    "unknown_spec": 400,
+    "unauthorized": 401,
+    "no_such_memory": 404,
+    "no_such_item": 404,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "empty_memory": 409,
+    "too_large": 413,
+    "bad_input": 422,
+    "context_overflow": 422,
+    "validation": 422,
+    "internal": 500,
+    "engine_error": 502,
+    "model_unavailable": 503,
+}
+LM_OPTIONS = ("model", "stateless", "max_new_tokens", "context_length", "overflow")
+EMBEDDING_OPTIONS = ("embedder", "top_k", "threshold")
+
+
+class TooLarge(LinmemError):
+    code = "too_large"
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["no_such_memory"])
+    message: str = Field(examples=["no memory named 'x' in /srv/linmem (existing: none yet)"])
+
+
+class ErrorBody(BaseModel):
+    """Every error: a stable `code` to branch on and a `message` for people."""
+
+    error: ErrorDetail
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateRequest(_Body):
+    name: str
+
+
+class WriteRequest(_Body):
+    items: list[Any] = Field(min_length=1, description="objects: text (required), clip, time, source, meta")
+
+
+class _ReadRequest(_Body):
+    backend: Literal["lm", "embedding"] = "lm"
+    model: str | None = Field(None, description="LM spec: hf:REPO, openai:URL#MODEL, tiny:NAME")
+    stateless: bool | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    context_length: int | None = Field(None, ge=1)
+    overflow: Literal["error", "window"] | None = None
+    embedder: str | None = Field(None, description="embedding spec: st:NAME, openai:URL#MODEL, hash:DIM")
+    top_k: int | None = Field(None, ge=1)
+    threshold: float | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The reader's options that were given; one meant for the other backend is refused."""
+        mine = LM_OPTIONS if self.backend == "lm" else EMBEDDING_OPTIONS
+        given = {k: v for k in (*LM_OPTIONS, *EMBEDDING_OPTIONS) if (v := getattr(self, k)) is not None}
+        stray = sorted(set(given) - set(mine))
+        if stray:
+            raise BadInput(
+                f"option {stray[0]!r} is not the {self.backend} reader's (it takes {', '.join(mine)})"
+            )
+        return given
+
+
+class AskRequest(_ReadRequest):
+    query: str = Field(min_length=1)
+
+
+class RankRequest(_ReadRequest):
+    query: str = Field(min_length=1)
+    k: int = Field(5, ge=1)
+
+
+class AgentRequest(_ReadRequest):
+    question: str = Field(min_length=1)
+    controller: str | None = Field(None, description="the controller's LM spec (needed by policy m3)")
+    policy: Literal["m3", "single-shot"] = "m3"
+    rounds: int = Field(5, ge=1)
+
+
+def create_app(
+    service: Service,
+    *,
+    token: str | None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    max_item_bytes: int = MAX_ITEM_BYTES,
+) -> FastAPI:
+    """The API over `service`. With a `token`, every route but /health needs
+    ``Authorization: Bearer <token>``."""
+    app = FastAPI(
+        title="linmem",
+        version=__version__,
+        description="Named agent memories, read by a language model or an embedding reader.",
+        openapi_tags=[
+            {"name": "memories", "description": "create, list, inspect and delete memories"},
+            {"name": "items", "description": "append, read and delete a memory's items"},
+            {"name": "reads", "description": "answer, rank and run the agent over a memory"},
+            {"name": "service", "description": "liveness"},
+        ],
+        responses={s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 500)},
+    )
+    app.add_middleware(_Guard, token=token, max_bytes=max_request_bytes)
+    _add_error_handlers(app)
+    _memory_routes(app, service)
+    _item_routes(app, service, max_item_bytes)
+    _read_routes(app, service)
+    return app
+
+
+def serve(
+    home: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token_file: str | Path | None = None,
+    ram_budget: int | None = DEFAULT_RAM_BUDGET,
+) -> None:
+    """Run the API with uvicorn until interrupted. The token comes from `token_file`, else
+    `$LINMEM_API_KEY`; without one, only a loopback `host` is allowed."""
+    token = load_token(token_file)
+    check_exposure(host, token)
+    import uvicorn
+
+    app = create_app(Service(home, ram_budget=ram_budget), token=token)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _memory_routes(app: FastAPI, service: Service) -> None:
+    @app.get("/health", tags=["service"])
+    async def health() -> dict[str, str]:  # on the event loop: alive even when every worker is busy
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/v1/memories", tags=["memories"])
+    def list_memories() -> dict[str, Any]:
+        return {"memories": service.memories()}
+
+    @app.post("/v1/memories", status_code=201, tags=["memories"])
+    def create_memory(body: CreateRequest) -> dict[str, Any]:
+        return service.create(body.name)
+
+    @app.get("/v1/memories/{name}", tags=["memories"])
+    def memory_stats(name: str) -> dict[str, Any]:
+        return service.stats(name)
+
+    @app.delete("/v1/memories/{name}", tags=["memories"])
+    def delete_memory(name: str) -> dict[str, Any]:
+        service.delete(name)
+        return {"name": name, "deleted": True}
+
+
+def _item_routes(app: FastAPI, service: Service, max_item_bytes: int) -> None:
+    @app.post("/v1/memories/{name}/items", tags=["items"])
+    def write_items(name: str, body: WriteRequest) -> dict[str, Any]:
+        """Append the items atomically: one bad item and nothing is written."""
+        written = service.write(name, _items(body.items, max_item_bytes))
+        return {"ids": [i.id for i in written]}
+
+    @app.get("/v1/memories/{name}/items", tags=["items"])
+    def list_items(
+        name: str, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        """Items with ids above `after`, in log order; `next_after` continues the listing."""
+        items = service.items(name, after=after, limit=limit)
+        more = len(items) == limit
+        return {"items": [i.to_dict() for i in items], "next_after": items[-1].id if more else None}
+
+    @app.get("/v1/memories/{name}/items/{item_id}", tags=["items"])
+    def get_item(name: str, item_id: int) -> dict[str, Any]:
+        return service.item(name, item_id).to_dict()
+
+    @app.delete("/v1/memories/{name}/items/{item_id}", tags=["items"])
+    def delete_item(name: str, item_id: int) -> dict[str, Any]:
+        if not service.forget(name, [item_id]):
+            raise NoSuchItem(f"memory {name!r} has no item {item_id}")
+        return {"id": item_id, "deleted": True}
+
+
+def _read_routes(app: FastAPI, service: Service) -> None:
+    @app.post("/v1/memories/{name}/ask", tags=["reads"])
+    def ask(name: str, body: AskRequest) -> dict[str, Any]:
+        return service.ask(name, body.query, backend=body.backend, **body.options()).to_dict()
+
+    @app.post("/v1/memories/{name}/rank", tags=["reads"])
+    def rank(name: str, body: RankRequest) -> dict[str, Any]:
+        return service.rank(name, body.query, body.k, backend=body.backend, **body.options()).to_dict()
+
+    @app.post("/v1/memories/{name}/agent", tags=["reads"])
+    def agent(name: str, body: AgentRequest) -> dict[str, Any]:
+        return service.agent(name, body.question, controller=body.controller, policy=body.policy,
+                             rounds=body.rounds, backend=body.backend, **body.options())  # fmt: skip
+
+
+def _items(raw: list[Any], max_item_bytes: int) -> list[Item]:
+    """Every item checked before any is written; an error names the item's index and field."""
+    items = []
+    for index, obj in enumerate(raw):
+        try:
+            item = item_from_dict(obj)
+            size = len(item.text.encode("utf-8"))
+        except BadInput as e:
+            raise BadInput(f"items[{index}]: {e}") from None
+        except UnicodeEncodeError:
+            raise BadInput(f"items[{index}]: item text is not valid Unicode (a lone surrogate)") from None
+        if size > max_item_bytes:
+            raise TooLarge(f"items[{index}]: item text is {size} bytes, over the limit of {max_item_bytes}")
+        items.append(item)
+    return items
+
+
+def error_response(code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, STATUS.get(code, 400), headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def linmem_error(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, LinmemError)
+        return error_response(e.code, str(e))
+
+    async def http_error(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        response = error_response(code, str(e.detail), e.headers)
+        response.status_code = e.status_code
+        return response
+
+    async def validation_error(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, RequestValidationError)
+        return error_response("validation", "; ".join(_describe(err) for err in e.errors()))
+
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        # Starlette re-raises after this response, so the server logs the traceback; clients never see it.
+        return error_response("internal", "internal error (see the server log)")
+
+    app.add_exception_handler(LinmemError, linmem_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
+
+
+def _describe(err: Any) -> str:
+    """One validation error as a sentence: where (``query.limit``, ``items[0]``) and what."""
+    loc = list(err.get("loc", ()))
+    where = ""
+    for part in loc[1:] if loc[:1] == ["body"] else loc:
+        where += f"[{part}]" if isinstance(part, int) else f".{part}" if where else str(part)
+    where = where or "body"
+    if err.get("type") == "extra_forbidden":
+        return f"unknown field {where!r}"
+    if err.get("type") == "json_invalid":
+        return f"invalid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+    return f"{where}: {err.get('msg')}"
+
+
+class _Guard:
+    """ASGI middleware run before routing: the bearer token, then the body size.
+
+    The body is read here, counting bytes as they arrive (a declared Content-Length too large is
+    refused before reading), and handed to the app only when it fits, so no handler ever runs for
+    a refused request and no oversized body is parsed.
+    """
+
+    def __init__(self, app: ASGIApp, *, token: str | None, max_bytes: int) -> None:
+        self.app = app
+        self.token = token.encode() if token is not None else None
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is None:
+            body, refusal = await self._read_body(receive)
+            if body is not None:
+                await self.app(scope, _replay(body, receive), send)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> JSONResponse | None:
+        headers = dict(scope["headers"])
+        if self.token is not None and scope["path"] != "/health":
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+                message = "a valid 'Authorization: Bearer <token>' header is required"
+                return error_response("unauthorized", message, {"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return self._too_large(int(length))
+        return None
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes | None, JSONResponse | None]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None, self._too_large(None)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+    def _too_large(self, declared: int | None) -> JSONResponse:
+        # No "Connection: close": the server then discards the rest of the body and the client,
+        # still sending, gets to read this answer instead of a reset connection.
+        size = "larger" if declared is None else f"{declared} bytes, more"
+        return error_response(
+            "too_large", f"the request body is {size} than the limit of {self.max_bytes} bytes"
+        )
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app the body already read, then defers to the server's."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,370 @@
+"""The MCP server (`linmem mcp`): four tools over one `Service`, on stdio or streamable HTTP.
+
+Tools: `memory_write`, `memory_query`, `memory_search`, `memory_list`. Each is a thin adapter
+over the service; a linmem error comes back as an MCP tool error whose text starts with the
+error's code (`no_such_memory: ...`), so a model can read it and correct its call.
+
+The reader a call uses when it names none is the server's default: `embedding` (answers in
+milliseconds with the embedder that ships with linmem, so a desktop client works without a
+GPU or a model download), or what `LINMEM_MCP_BACKEND` / `LINMEM_MCP_MODEL` or `run()` say.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hmac
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field, WithJsonSchema
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+from typing_extensions import TypedDict
+
+from .. import __version__
+from ..errors import BadInput, LinmemError, UnknownSpec
+from ..itemfile import item_from_dict
+from ..readers import BACKENDS
+from ..types import Answer, Item
+from .core import Conflict, Service, check_exposure, load_token
+
+ENV_BACKEND = "LINMEM_MCP_BACKEND"
+ENV_MODEL = "LINMEM_MCP_MODEL"
+DEFAULT_BACKEND = "embedding"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8766
+HTTP_PATH = "/mcp"
+
+# The server entry for desktop MCP clients (Claude Desktop, Cursor, ...); the README shows it verbatim.
+CLIENT_CONFIG = """\
+{
+  "mcpServers": {
+    "linmem": {
+      "command": "linmem",
+      "args": ["mcp"],
+      "env": {"LINMEM_HOME": "/path/to/linmem-home"}
+    }
+  }
+}
+"""
+
+INSTRUCTIONS = (
+    "linmem keeps long-term memories: named, append-only logs of items (observations, video-clip "
+    "captions, dialogue turns, notes). Save what you will need later with memory_write, ask a memory "
+    "a question with memory_query, find the clips relevant to something with memory_search, and see "
+    "which memories exist with memory_list."
+)
+
+Backend = Literal["lm", "embedding"]
+
+_ITEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "text": {"type": "string", "description": "the item itself (required, non-empty)"},
+        "clip": {
+            "type": ["integer", "null"],
+            "minimum": 0,
+            "description": "video-clip or dialogue-session index; items of one clip are read together",
+        },
+        "time": {"type": ["string", "null"], "description": 'free text: "06:00-06:30", "2024-05-01 09:00"'},
+        "source": {"type": ["string", "null"], "description": "the video or conversation it comes from"},
+        "meta": {"type": "object", "description": "any JSON object kept with the item"},
+    },
+    "required": ["text"],
+    "additionalProperties": False,
+}
+
+# Items are checked by linmem's own item parser (the one `linmem write` uses), so the schema is
+# published as written here and the arguments reach the parser untouched.
+ItemsArg = Annotated[
+    list[Any],
+    WithJsonSchema({"type": "array", "items": _ITEM_SCHEMA, "minItems": 1}),
+    Field(description="the items to append, in order"),
+]
+MemoryArg = Annotated[str, Field(description="memory name: 1-64 letters, digits, '.', '_' or '-'")]
+CreateArg = Annotated[bool, Field(description="create the memory if it does not exist")]
+BackendArg = Annotated[
+    Backend | None,
+    Field(
+        description='"lm": a language model reads the whole memory and answers in prose; "embedding": '
+        "similarity search that returns the best clips verbatim. Default: the server's setting."
+    ),
+]
+ModelArg = Annotated[
+    str | None,
+    Field(
+        description="model spec for the chosen backend: an LM (hf:REPO, openai:URL#MODEL, tiny:NAME) or "
+        "an embedder (st:NAME, hash:DIM, openai:URL#MODEL). Default: the server's setting."
+    ),
+]
+
+
+class TokensOut(TypedDict):
+    """Token accounting: the memory's length, tokens run for this call, tokens served from a cache,
+    tokens generated."""
+
+    memory: int | None
+    processed: int
+    cached: int
+    generated: int
+
+
+class TimingsOut(TypedDict):
+    """Wall-clock seconds."""
+
+    total_s: float
+    prefill_s: float | None
+    query_s: float | None
+    generate_s: float | None
+
+
+class HitOut(TypedDict):
+    """A clip (or an unclipped item) and its lines verbatim; `score` is the embedding reader's cosine."""
+
+    clip: int | None
+    score: float | None
+    item_ids: list[int]
+    lines: list[str]
+
+
+class AnswerOut(TypedDict):
+    """A reader's answer: its text, the clip ids it cites (best first for a search), the model that
+    read, tokens, timings, the clips found with their lines, and notes."""
+
+    answer: str
+    clips: list[int]
+    model: str
+    tokens: TokensOut
+    timings: TimingsOut
+    hits: list[HitOut]
+    notes: list[str]
+
+
+class WriteOut(TypedDict):
+    """The memory written to, how many items were written, their ids, and the memory's item count."""
+
+    memory: str
+    written: int
+    ids: list[int]
+    items: int
+
+
+class MemoryOut(TypedDict):
+    name: str
+    items: int
+
+
+class ListOut(TypedDict):
+    """Every memory on this server with its item count."""
+
+    memories: list[MemoryOut]
+
+
+WRITE_DOC = """\
+Append items to a named memory, a durable append-only log. An item is one observation, video-clip
+caption, dialogue turn or note: {"text": ..., "clip": 12, "time": "06:00-06:30", "source": "kitchen",
+"meta": {...}}; only "text" is required. Give items of one clip or session the same "clip" number so
+they are read together. The batch is atomic: if any item is invalid, nothing is written and the
+error names the item. The memory is created if it does not exist (unless create is false).
+Returns the new items' ids."""
+
+QUERY_DOC = """\
+Answer a question from a memory. With backend "lm" a language model reads the whole memory and
+answers in natural language, citing the clips it used; with "embedding" the answer is the memory's
+clips most similar to the question, verbatim. Returns the answer, the cited clip ids, the model,
+token counts and timings (and, for "embedding", the clips found with their lines in "hits")."""
+
+SEARCH_DOC = """\
+Find the k clips of a memory most relevant to a query, best first. Returns their ids in "clips" and,
+in "hits", each clip with its lines verbatim (and, for the "embedding" backend, its similarity
+score). Use it to look up what the memory holds about something; use memory_query to get an
+answer."""
+
+LIST_DOC = "List the memories on this server, each with its number of items."
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _tool_errors(fn: _F) -> _F:
+    """Report a linmem error as a tool error (`code: message`) for the model to read; anything else
+    is a crash, which the SDK reports without its text."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LinmemError as e:
+            raise ToolError(f"{e.code}: {e}") from e
+
+    return call  # type: ignore[return-value]
+
+
+def build_server(
+    service: Service, *, default_backend: str = DEFAULT_BACKEND, default_model: str | None = None
+) -> MCPServer:
+    """The MCP server over `service`. A call that names no backend uses `default_backend`; a call
+    that names no model uses `default_model` when its backend is the default one, else the
+    library's default model for that backend."""
+    if default_backend not in BACKENDS:
+        raise UnknownSpec(f"unknown backend {default_backend!r}: expected one of {', '.join(BACKENDS)}")
+
+    def reader(backend: str | None, model: str | None) -> tuple[str, dict[str, Any]]:
+        backend = backend or default_backend
+        model = model or (default_model if backend == default_backend else None)
+        if model is None:
+            return backend, {}
+        return backend, {"model" if backend == "lm" else "embedder": model}
+
+    def memory_write(memory: MemoryArg, items: ItemsArg, create: CreateArg = True) -> WriteOut:
+        batch = _items(items)
+        if create:
+            _ensure(service, memory)
+        written = service.write(memory, batch)
+        ids = [i.id for i in written if i.id is not None]
+        return {"memory": memory, "written": len(ids), "ids": ids, "items": service.stats(memory)["items"]}
+
+    def memory_query(
+        memory: MemoryArg,
+        question: Annotated[str, Field(description="the question, in natural language")],
+        backend: BackendArg = None,
+        model: ModelArg = None,
+    ) -> AnswerOut:
+        name, options = reader(backend, model)
+        return _answer_out(service.ask(memory, question, backend=name, **options))
+
+    def memory_search(
+        memory: MemoryArg,
+        query: Annotated[str, Field(description="what to look for")],
+        k: Annotated[int, Field(ge=1, le=100, description="how many clips to return")] = 5,
+        backend: BackendArg = None,
+        model: ModelArg = None,
+    ) -> AnswerOut:
+        name, options = reader(backend, model)
+        answer = service.rank(memory, query, k, backend=name, **options)
+        return _with_clip_lines(service, memory, answer) if name == "lm" else _answer_out(answer)
+
+    def memory_list() -> ListOut:
+        return {"memories": [{"name": m["name"], "items": m["items"]} for m in service.memories()]}
+
+    server = MCPServer("linmem", instructions=INSTRUCTIONS, version=__version__, log_level="WARNING")
+    for fn, hints, description in (
+        (memory_write, ToolAnnotations(read_only_hint=False, destructive_hint=False), WRITE_DOC),
+        (memory_query, ToolAnnotations(read_only_hint=True), QUERY_DOC),
+        (memory_search, ToolAnnotations(read_only_hint=True), SEARCH_DOC),
+        (memory_list, ToolAnnotations(read_only_hint=True), LIST_DOC),
+    ):
+        server.add_tool(_tool_errors(fn), name=fn.__name__, description=description, annotations=hints)
+    return server
+
+
+def _items(raw: list[Any]) -> list[Item]:
+    """Check every item before anything is written, naming the first bad one."""
+    if not raw:
+        raise BadInput("items is empty: give at least one item")
+    items = []
+    for n, obj in enumerate(raw):
+        try:
+            items.append(item_from_dict(obj))
+        except BadInput as e:
+            raise BadInput(f"items[{n}]: {e}") from None
+    return items
+
+
+def _ensure(service: Service, name: str) -> None:
+    with contextlib.suppress(Conflict):
+        service.create(name)
+
+
+def _answer_out(answer: Answer) -> AnswerOut:
+    return answer.to_dict()  # type: ignore[return-value]
+
+
+def _with_clip_lines(service: Service, memory: str, answer: Answer) -> AnswerOut:
+    """The LM reader ranks clip ids only; the hits add those clips' lines from the memory's log."""
+    by_clip: dict[int, list[Item]] = {c: [] for c in answer.clips}
+    for item in service.items(memory, limit=sys.maxsize):
+        if item.clip in by_clip:
+            by_clip[item.clip].append(item)
+    out = _answer_out(answer)
+    out["hits"] = [_hit(clip, items) for clip, items in by_clip.items()]
+    return out
+
+
+def _hit(clip: int, items: list[Item]) -> HitOut:
+    ids = [i.id for i in items if i.id is not None]
+    return {"clip": clip, "score": None, "item_ids": ids, "lines": [i.text for i in items]}
+
+
+def run(
+    home: str | Path | None = None,
+    transport: str = "stdio",
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    token_file: str | Path | None = None,
+    *,
+    backend: str | None = None,
+    model: str | None = None,
+) -> None:
+    """Serve MCP until stopped: on stdin/stdout (`stdio`, what desktop clients launch) or as
+    streamable HTTP at http://HOST:PORT/mcp (`http`). Over HTTP a bearer token (from `token_file`,
+    else $LINMEM_API_KEY) is required when one is configured, and always on a non-loopback host.
+    `backend` and `model` set the default reader (else $LINMEM_MCP_BACKEND, $LINMEM_MCP_MODEL)."""
+    if transport not in ("stdio", "http"):
+        raise BadInput(f"unknown transport {transport!r}: expected 'stdio' or 'http'")
+    token = load_token(token_file) if transport == "http" else None
+    if transport == "http":  # before anything else, so a refused start touches nothing
+        check_exposure(host, token)
+    server = build_server(
+        Service(home),
+        default_backend=backend or os.environ.get(ENV_BACKEND) or DEFAULT_BACKEND,
+        default_model=model or os.environ.get(ENV_MODEL) or None,
+    )
+    if transport == "stdio":
+        server.run("stdio")
+        return
+    import uvicorn
+
+    uvicorn.run(http_app(server, host=host, token=token), host=host, port=port, log_level="warning")
+
+
+def http_app(server: MCPServer, *, host: str = DEFAULT_HOST, token: str | None = None) -> ASGIApp:
+    """The streamable-HTTP ASGI app at `/mcp`, behind the bearer token when one is given. (The SDK
+    keeps its DNS-rebinding protection on for a loopback `host`.)"""
+    app = server.streamable_http_app(streamable_http_path=HTTP_PATH, host=host)
+    return app if token is None else BearerAuth(app, token)
+
+
+class BearerAuth:
+    """ASGI middleware: an HTTP request must carry `Authorization: Bearer <token>`.
+
+    The SDK's own auth is OAuth (an authorization server and a token verifier); one shared token,
+    as the HTTP API uses (`load_token`, `check_exposure`), needs only this check in front of the app."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" or (scope["type"] == "http" and self._authorized(scope)):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            message = "a valid 'Authorization: Bearer <token>' header is required"
+            body = {"error": {"code": "unauthorized", "message": message}}
+            response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, value = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token)
+
+
+__all__ = ["CLIENT_CONFIG", "BearerAuth", "build_server", "http_app", "run"]
