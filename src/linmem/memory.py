@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +99,23 @@ class Memory:
     def close(self) -> None:
         self.log.close()
 
-    def write(self, items: Iterable[Item | str]) -> list[Item]:
-        """Append items (Item objects or plain strings) atomically; returns them with ids."""
+    def write(self, items: Iterable[Item | str], *, update_readers: bool = True) -> list[Item]:
+        """Append items (Item objects or plain strings) atomically; returns them with ids.
+
+        With `update_readers` False the live readers are not told here: a caller that wants the
+        acknowledgement to wait only for the commit calls `update_readers` itself, later (the
+        service does, on a background thread). Readers catch up on their own at the next read.
+        """
         batch = [Item(text=i) if isinstance(i, str) else i for i in items]
         written = self.log.append(batch)
+        if update_readers:
+            self.update_readers(written)
+        return written
+
+    def update_readers(self, written: Sequence[Item]) -> None:
+        """Let live readers absorb just-written items: new embeddings, the snapshot extended."""
         for reader in list(self._readers.values()):
             reader.on_write(written)
-        return written
 
     add = write
 

@@ -10,11 +10,12 @@ budget, least recently used out first, and are reloaded from disk when needed ag
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class Service:
         self._handles: dict[str, _Handle] = {}
         self._lock = threading.Lock()
         self._batchers: dict[int, _Batcher] = {}
+        self._updates = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linmem-update")
 
     # Memories
 
@@ -93,10 +95,17 @@ class Service:
     # Items
 
     def write(self, name: str, items: Sequence[Item]) -> list[Item]:
-        """Append a batch atomically; returns after the commit (and the live readers' update)."""
+        """Append a batch atomically; returns right after the commit.
+
+        The live readers absorb the items afterwards, on one background thread: extending an LM
+        snapshot waits for the model, which may be busy with reads, and an acknowledgement should
+        not. A read that comes first catches up by itself; the result is the same either way.
+        """
         handle = self._handle(name)
         with handle.write_lock:
-            return handle.memory.write(items)
+            written = handle.memory.write(items, update_readers=False)
+        self._updates.submit(_update_readers, handle.memory, written)
+        return written
 
     def items(self, name: str, *, after: int = 0, limit: int = 100) -> list[Item]:
         return self._handle(name).memory.log.items(after_id=after, limit=limit)
@@ -180,6 +189,13 @@ class _Batcher:
                 continue
             for (_, f), a in zip(batch, answers, strict=True):
                 f.set_result(a)
+
+
+def _update_readers(memory: Memory, written: Sequence[Item]) -> None:
+    try:
+        memory.update_readers(written)
+    except Exception:  # the items are committed; the next read catches up instead
+        logging.getLogger("linmem").warning("updating readers of %s failed", memory.name, exc_info=True)
 
 
 def _settle(future: Future[Answer], run: Callable[[list[str]], list[Answer]], query: str) -> None:
