@@ -119,3 +119,26 @@ def m3bench(folder: Path, videos: int = 2, clips: int = 6, web: bool = False) ->
     path = folder / ("web.json" if web else "robot.json")
     path.write_text(json.dumps(annotations))
     return path, captions
+
+
+STRUCTURED_CLIPS = [
+    (["<person_1> puts the red mug in the left cupboard."], ["<person_1> keeps mugs in the left cupboard."]),
+    (["<person_2> waters the fern by the window."], ["<person_2> looks after the plants."]),
+    (["<face_3> tells <person_2> that Clara visits on Saturday."], ["Equivalence: <face_3>, <person_1>"]),
+]
+
+
+def structured(folder: Path, videos: int = 2, clips: int = 6) -> Path:
+    """Structured memory graphs (`linmem.structured`) of the videos `m3bench` generates."""
+    from linmem.structured import Extraction, build_graph, parse_extraction, save_graph
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for v in range(videos):
+        vid = f"kitchen_{v:02d}"
+        extractions: list[tuple[int, Extraction]] = []
+        for i in range(clips):
+            episodic, semantic = STRUCTURED_CLIPS[i % len(STRUCTURED_CLIPS)]
+            answer = {"episodic": [f"{e} (video {v}, part {i})" for e in episodic], "semantic": semantic}
+            extractions.append((i, parse_extraction(json.dumps(answer))))
+        save_graph(build_graph(vid, "datagen", extractions), folder / f"{vid}.json")
+    return folder

@@ -1,6 +1,7 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 for tests: the stand-in for a remote endpoint.
 
-It speaks the wire format (`/v1/chat/completions`, `/v1/embeddings`, `/v1/models`, `/tokenize`)
+It speaks the wire format (`/v1/chat/completions`, `/v1/embeddings`, `/v1/audio/transcriptions`,
+`/v1/models`, `/tokenize`)
 over a real socket; what it answers is decided by plain Python callables the test passes in.
 Every request body is recorded so tests can check what a client actually sent.
 Options simulate what real servers do to clients: scripted error answers, a context limit that
@@ -9,16 +10,20 @@ rejects long prompts with vLLM's message, a missing `/tokenize` route, a slow an
 
 from __future__ import annotations
 
+import email.policy
 import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 ChatFn = Callable[[dict[str, Any]], dict[str, Any]]
 EmbedFn = Callable[[list[str]], list[list[float]]]
+# (uploaded audio file, form fields) -> transcript text
+TranscribeFn = Callable[[bytes, dict[str, str]], str]
 
 
 def _words(text: str) -> int:
@@ -31,8 +36,15 @@ def echo_chat(request: dict[str, Any]) -> dict[str, Any]:
     A chat callable returns ``{"content": ...}``, optionally with ``"usage"`` fields that replace
     the computed ones (e.g. ``{"prompt_tokens_details": None}``).
     """
-    user = request["messages"][-1]["content"]
+    user = text_of(request["messages"][-1]["content"])
     return {"content": "echo: " + user.strip().splitlines()[-1]}
+
+
+def text_of(content: Any) -> str:
+    """The text of a message content: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
 
 
 @dataclass
@@ -53,6 +65,7 @@ class ScriptedChat:
 class OpenAIServer:
     chat: ChatFn = echo_chat
     embed: EmbedFn | None = None
+    transcribe: TranscribeFn | None = None
     model: str = "test-model"
     # Simulate a server prefix cache: the longest previously seen prompt prefix counts as cached.
     prefix_cache: bool = True
@@ -97,7 +110,9 @@ class OpenAIServer:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
+                raw = self.rfile.read(length)
+                kind = self.headers.get("Content-Type", "")
+                body = _multipart(kind, raw) if kind.startswith("multipart/") else json.loads(raw or b"{}")
                 server.requests.append((self.path, body))
                 server.headers.append({k.lower(): v for k, v in self.headers.items()})
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
@@ -132,8 +147,10 @@ class OpenAIServer:
             vecs = self.embed(inputs)
             data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]
             return 200, {"object": "list", "data": data, "model": body.get("model")}
+        if path == "/v1/audio/transcriptions" and self.transcribe is not None:
+            return 200, {"text": self.transcribe(body["file"], body["fields"])}
         if path == "/tokenize" and self.tokenize:
-            text = body.get("prompt") or "".join(m["content"] for m in body.get("messages", []))
+            text = body.get("prompt") or "".join(text_of(m["content"]) for m in body.get("messages", []))
             return 200, {"count": _words(text), "max_model_len": self.context_length or 4096}
         return 404, {"error": {"message": f"no route {path}"}}
 
@@ -141,7 +158,7 @@ class OpenAIServer:
         """vLLM's rejection of a prompt that does not fit `context_length`, or None."""
         if self.context_length is None:
             return None
-        prompt = _words("".join(m["content"] for m in body["messages"]))
+        prompt = _words("".join(text_of(m["content"]) for m in body["messages"]))
         completion = int(body.get("max_tokens") or 0)
         if prompt + completion <= self.context_length:
             return None
@@ -153,7 +170,7 @@ class OpenAIServer:
 
     def _chat_response(self, body: dict[str, Any], seen: list[str]) -> dict[str, Any]:
         reply = self.chat(body)
-        prompt = "".join(m["content"] for m in body["messages"])
+        prompt = "".join(text_of(m["content"]) for m in body["messages"])
         prompt_tokens = _words(prompt)
         cached = 0
         if self.prefix_cache:
@@ -181,6 +198,22 @@ class OpenAIServer:
 
 class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default 5 makes concurrent clients wait out SYN retries
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
+    """A multipart/form-data upload as {"fields": {name: text}, "file": bytes, "filename": str}."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
+    out: dict[str, Any] = {"fields": {}, "file": b"", "filename": None}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        if part.get_filename():
+            out["file"], out["filename"] = data, part.get_filename()
+        else:
+            out["fields"][str(name)] = data.decode()
+    return out
 
 
 def _error(status: int, message: str) -> dict[str, Any]:

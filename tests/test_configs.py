@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from datagen import locomo, m3bench
+from datagen import locomo, m3bench, structured
 from test_tasks import write_graph
 
 from linmem.cli import main
@@ -35,6 +35,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     graphs.mkdir(parents=True)
     for vid in ("kitchen_00", "kitchen_01"):
         write_graph(graphs / f"{vid}.pkl")
+    structured(root / "m3bench" / "structured" / "robot", videos=2, clips=32)
     return root
 
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--format", choices=["jsonl", "text"], help="override the format the suffix implies")
 
+    _ingest_command(command)
+    _structure_command(command)
+
     for name, run, what in (
         ("ask", cmd_ask, "answer a question from a memory"),
         ("rank", cmd_rank, "rank the clips of a memory by relevance to a query"),
@@ -128,6 +131,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 Command = Callable[[str, Callable[[argparse.Namespace], Any], str], argparse.ArgumentParser]
+
+
+def _ingest_command(command: Command) -> None:
+    i = command("ingest", cmd_ingest, "caption videos clip by clip into a memory (resumable)")
+    i.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="video file, directory of clips named 0.mp4, 1.mp4, ..., or captions .jsonl",
+    )
+    i.add_argument("--memory", required=True, metavar="NAME", help="memory to write to (created if new)")
+    i.add_argument("--clip-seconds", type=float, default=30.0, help="clip length (default 30)")
+    i.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
+    i.add_argument("--max-frames", type=int, default=8, help="most frames per clip (default 8)")
+    i.add_argument("--frame-size", type=int, default=448, help="longer side of a frame, pixels (default 448)")
+    i.add_argument(
+        "--captioner", help="VLM spec: hf:REPO_OR_PATH, openai:URL#MODEL (default hf:Qwen/Qwen3.5-0.8B)"
+    )
+    i.add_argument(
+        "--transcriber", help="speech to text: openai:URL#MODEL (/audio/transcriptions); off by default"
+    )
+    i.add_argument("--max-new-tokens", type=int, default=256, help="caption length limit (default 256)")
+
+
+def _structure_command(command: Command) -> None:
+    st = command(
+        "structure",
+        cmd_structure,
+        "extract M3-Agent-style structured memory (events, facts, characters) from a memory of captions",
+    )
+    st.add_argument("name", help="memory of clip captions (e.g. from linmem ingest)")
+    st.add_argument(
+        "--model", required=True, help="chat model spec: openai:URL#MODEL, hf:REPO_OR_PATH, tiny:NAME"
+    )
+    st.add_argument(
+        "--into", metavar="NAME", help="empty memory for the structured lines (default NAME-structured)"
+    )
+    st.add_argument(
+        "--export", type=Path, metavar="DIR", help="also write each source's graph as DIR/<source>.json"
+    )
+    st.add_argument(
+        "--retries", type=int, default=2, help="extra tries for a clip whose answer cannot be parsed"
+    )
 
 
 def _tool_commands(command: Command) -> None:
@@ -234,6 +280,61 @@ def cmd_write(args: argparse.Namespace) -> dict[str, Any]:
         "ids": [i.id for i in written],
         "items": state.count,
     }
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from .video import Sampling, ingest
+
+    sampling = Sampling(args.clip_seconds, args.fps, args.max_frames, args.frame_size)
+    memory = open_memory(args.memory, home=args.home, create=True)
+    bar: Any = None
+
+    def progress(n: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=n, unit="clip", desc="captioning", file=sys.stderr, disable=None)
+        else:
+            bar.update(n)
+
+    try:
+        reports = ingest(
+            memory,
+            args.sources,
+            captioner=args.captioner,
+            transcriber=args.transcriber,
+            sampling=sampling,
+            max_new_tokens=args.max_new_tokens,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.json:
+        for r in reports:
+            print(f"{r.source}: {r.clips} clips, {r.written} written, {r.skipped} already there ({r.kind})")
+    return {"memory": memory.name, "sources": [r.to_dict() for r in reports], "items": memory.state().count}
+
+
+def cmd_structure(args: argparse.Namespace) -> dict[str, Any]:
+    from .engines import load_engine
+    from .structured import structure
+
+    memory = open_memory(args.name, home=args.home)
+    into = open_memory(args.into or f"{args.name}-structured", home=args.home, create=True)
+
+    def progress(source: str, clip: int, outcome: str) -> None:
+        if not args.json:
+            print(f"{source} clip {clip}: {outcome}", file=sys.stderr)
+
+    result = structure(memory, load_engine(args.model), into=into, export=args.export,
+                       retries=args.retries, progress=progress)  # fmt: skip
+    if not args.json:
+        for source, info in result["sources"].items():
+            print(f"{source}: {info['clips']} clips, {info['characters']} characters")
+        print(f"wrote {result['written']} structured lines to {result['into']}")
+    return result
 
 
 def cmd_ask(args: argparse.Namespace) -> dict[str, Any]:

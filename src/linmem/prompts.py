@@ -130,3 +130,21 @@ JUDGE_PROMPT = (
 def judge_messages(question: str, gold: str, prediction: str) -> list[dict[str, str]]:
     user = JUDGE_PROMPT.format(question=question, ground_truth_answer=gold, agent_answer=prediction)
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+# Memorization: one clip's frames (and speech) to a caption, the raw memory of a video.
+
+CAPTION_PROMPT = (
+    "These {frames} frames come from clip {clip} of a video, {start} to {end}, in time order.{speech}\n"
+    "Describe what happens in the clip as a list of atomic events, one short sentence per line, in "
+    'the order they happen. Name people by a consistent visible description (for example "the man '
+    'in the grey hoodie") and use the same description every time the same person appears; do not '
+    "invent names or use pronouns alone. Include places, objects, actions, any visible text, and who "
+    "says what when speech is given. Output only the lines."
+)
+CAPTION_SPEECH = '\nSpeech heard in the clip: "{transcript}"'
+
+
+def caption_prompt(clip: int, start: str, end: str, frames: int, transcript: str | None) -> str:
+    speech = CAPTION_SPEECH.format(transcript=transcript.strip()) if transcript and transcript.strip() else ""
+    return CAPTION_PROMPT.format(frames=frames, clip=clip, start=start, end=end, speech=speech)

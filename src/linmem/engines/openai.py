@@ -137,20 +137,20 @@ class OpenAIEngine:
 
     def chat(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         *,
         max_new_tokens: int,
         temperature: float = 0.0,
         seed: int = 0,
     ) -> Generation:
-        """A multi-turn chat, sent as is. A sampled request (`temperature` > 0) carries `seed`,
-        which vLLM and SGLang honour per request."""
+        """A multi-turn chat, sent as is (a content may be a list of parts, images included). A
+        sampled request (`temperature` > 0) carries `seed`, which vLLM and SGLang honour per request."""
         if temperature < 0:
             raise BadInput(f"temperature must be >= 0, found {temperature!r}")
         return self._complete(messages, max_new_tokens, temperature, seed if temperature > 0 else None)
 
     def _complete(
-        self, messages: list[dict[str, str]], max_new_tokens: int, temperature: float, seed: int | None = None
+        self, messages: list[dict[str, Any]], max_new_tokens: int, temperature: float, seed: int | None = None
     ) -> Generation:
         url = f"{self.base_url}/chat/completions"
         body: dict[str, Any] = {

@@ -50,6 +50,24 @@ def build_tokenizer() -> Any:
     return tok
 
 
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+# ChatML whose message content may also be a list of parts: {"type": "image"} becomes one image
+# placeholder, as in Qwen3.5's own template.
+VLM_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
 def _common(tok: Any) -> dict[str, Any]:
     return {
         "vocab_size": len(tok),
@@ -145,6 +163,48 @@ def build(name: str, seed: int = SEED) -> tuple[Any, Any]:
     return model, tok
 
 
+def build_vlm(seed: int = SEED) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, image processor) of a tiny Qwen3.5 with a vision tower: the same text
+    stack as `tiny:qwen3.5` plus a 2-layer ViT, for the captioning path."""
+    import torch
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS + VISION_TOKENS})
+    tok.chat_template = VLM_CHAT_TEMPLATE
+    ids = {name: tok.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end")}
+    config = Qwen3_5Config(
+        text_config=_qwen3_5(tok).to_dict(),
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 256,
+        },
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3_5ForConditionalGeneration(config).float()
+    model.eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    # Small images: a 448-pixel frame becomes a few dozen tokens, not a thousand.
+    images = Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=128 * 128
+    )
+    return model, tok, images
+
+
 def weights_hash(model: Any) -> str:
     """sha256 over every parameter and buffer, by name: identifies the weights, not just the config."""
     h = hashlib.sha256()
@@ -155,9 +215,14 @@ def weights_hash(model: Any) -> str:
 
 
 def save(name: str, directory: str | Path, seed: int = SEED) -> Path:
-    """Write a tiny model and its tokenizer as a normal Hugging Face directory (for `hf:PATH`)."""
-    model, tok = build(name, seed)
+    """Write a tiny model and its tokenizer as a normal Hugging Face directory (for `hf:PATH`);
+    `qwen3.5-vl`, the captioning model, also writes its image processor."""
     directory = Path(directory)
+    if name == "qwen3.5-vl":
+        model, tok, images = build_vlm(seed)
+        images.save_pretrained(directory)
+    else:
+        model, tok = build(name, seed)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory

@@ -11,22 +11,25 @@ Memory of a video, from ``memory_dir``:
   (``start``/``end`` in seconds and ``transcript`` optional); one item per line, in clip order.
 - ``memory="graph"``: ``<video_id>.pkl``, M3-Agent's memory graph read by `linmem.evals.m3graph`;
   one item per episodic or semantic line, translated to character ids, 30-second clips.
+- ``memory="structured"``: ``<video_id>.json``, a structured memory graph that linmem extracted
+  from the captions (`linmem.structured`); items as for ``"graph"``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ...errors import BadInput
 from ...types import Item
+from ...video.captions import mmss, read_captions
 from ..m3graph import graph_clip_lines, load_graph
 from . import read_json
 from .base import Example, Task
 
 SPLITS = ("robot", "web")
-MEMORIES = ("captions", "graph")
+MEMORIES = ("captions", "graph", "structured")
+SUFFIXES = {"captions": ".jsonl", "graph": ".pkl", "structured": ".json"}
 CLIP_SECONDS = 30
 
 # M3-Bench renamed two question types between files and releases; one name each here.
@@ -47,12 +50,6 @@ def normalize_type(label: str) -> str:
     """The canonical name of an M3-Bench question type (unknown labels come back trimmed)."""
     clean = " ".join(str(label).split())
     return TYPE_ALIASES.get(clean.lower(), clean)
-
-
-def mmss(seconds: float) -> str:
-    """``"MM:SS"`` for a time in seconds (minutes may exceed 59)."""
-    whole = max(0, int(seconds))
-    return f"{whole // 60:02d}:{whole % 60:02d}"
 
 
 class M3BenchTask(Task):
@@ -141,65 +138,12 @@ class M3BenchTask(Task):
                 raise BadInput(f"unknown M3-Bench video {source!r}: not in {self.path}")
             if self.memory_dir is None:
                 raise BadInput(f"M3-Bench memory of video {source!r} needs memory_dir (a folder of memories)")
-            suffix = ".jsonl" if self.memory_kind == "captions" else ".pkl"
-            path = self.memory_dir / f"{source}{suffix}"
+            path = self.memory_dir / f"{source}{SUFFIXES[self.memory_kind]}"
             if not path.is_file():
                 raise BadInput(f"no {self.memory_kind} memory for video {source!r}: expected {path}")
-            read = read_captions if self.memory_kind == "captions" else read_graph_items
-            self._cache[source] = read(path, source)
+            read = {"captions": read_captions, "graph": read_graph_items, "structured": read_structured_items}
+            self._cache[source] = read[self.memory_kind](path, source)
         return list(self._cache[source])
-
-
-def read_captions(path: str | Path, source: str) -> list[Item]:
-    """Caption items of one video from a JSON Lines caption file, in clip order."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        number = raw[: e.start].count(b"\n") + 1
-        raise BadInput(f"{path}:{number}: not UTF-8") from None
-    items = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if line.strip():
-            try:
-                items.append(_caption_item(line, source))
-            except BadInput as e:
-                raise BadInput(f"{path}:{number}: {e}") from None
-    if not items:
-        raise BadInput(f"{path}: no captions (the file is empty)")
-    return sorted(items, key=lambda i: i.clip or 0)
-
-
-def _caption_item(line: str, source: str) -> Item:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadInput(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise BadInput(f"expected a JSON object, found {type(obj).__name__}")
-    for name in ("clip", "caption"):
-        if name not in obj:
-            raise BadInput(f"missing field {name!r}")
-    clip, caption = obj["clip"], obj["caption"]
-    if isinstance(clip, bool) or not isinstance(clip, int) or clip < 0:
-        raise BadInput(f"field 'clip' must be an integer >= 0, found {clip!r}")
-    if not isinstance(caption, str) or not caption.strip():
-        raise BadInput("field 'caption' must be a non-empty string")
-    times = [obj.get(name) for name in ("start", "end")]
-    for name, value in zip(("start", "end"), times, strict=True):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise BadInput(f"field {name!r} must be a number of seconds, found {value!r}")
-    transcript = obj.get("transcript")
-    if transcript is not None and not isinstance(transcript, str):
-        raise BadInput("field 'transcript' must be a string")
-    text = caption.strip() + (f' Speech: "{transcript.strip()}"' if transcript and transcript.strip() else "")
-    start, end = times
-    time = f"{mmss(start)}-{mmss(end)}" if start is not None and end is not None else None
-    return Item(text=text, clip=clip, time=time, source=source, meta={"start": start, "end": end})
 
 
 def read_graph_items(path: str | Path, source: str) -> list[Item]:
@@ -221,6 +165,16 @@ def read_graph_items(path: str | Path, source: str) -> list[Item]:
         for clip, clip_lines in lines.items()
         for kind, text in clip_lines
     ]
+
+
+def read_structured_items(path: str | Path, source: str) -> list[Item]:
+    """The translated lines of a structured memory graph written by `linmem.structured.save_graph`."""
+    from ...structured import graph_items, load_graph  # networkx only when this memory is read
+
+    items = graph_items(load_graph(path), source)
+    if not items:
+        raise BadInput(f"{path}: the structured memory has no episodic or semantic lines")
+    return items
 
 
 def _infer_split(data: dict[str, Any]) -> str:

@@ -1,0 +1,218 @@
+"""Who turns a clip into text: captioners (frames to a caption) and transcribers (speech to text).
+
+Chosen by spec, like the LM reader's models:
+
+- ``hf:REPO_OR_PATH``: a local transformers vision-language model (Qwen3.5 is natively multimodal;
+  the default is ``hf:Qwen/Qwen3.5-0.8B``), loaded with AutoModelForImageTextToText.
+- ``openai:URL#MODEL``: any OpenAI-compatible chat endpoint that takes images; frames travel as
+  ``data:image/jpeg;base64`` URLs.
+- ``tiny:qwen3.5-vl``: a tiny random-weights Qwen3.5 with a vision tower, for tests.
+
+Transcribers are ``openai:URL#MODEL``: an OpenAI-compatible ``/v1/audio/transcriptions``
+endpoint (OpenAI's Whisper API, a vLLM or whisper.cpp server).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+
+from ..engines.base import strip_think
+from ..errors import EngineError, ModelUnavailable, UnknownSpec
+
+DEFAULT_CAPTIONER = "hf:Qwen/Qwen3.5-0.8B"
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    id: str
+
+    def caption(self, frames: Sequence[bytes], prompt: str, *, max_new_tokens: int) -> str:
+        """The model's text for JPEG `frames` (in time order) followed by `prompt`."""
+        ...
+
+
+@runtime_checkable
+class Transcriber(Protocol):
+    id: str
+
+    def transcribe(self, wav: bytes) -> str:
+        """The speech in a WAV file, as text ("" when there is none)."""
+        ...
+
+
+def load_captioner(spec: str | None = None) -> Captioner:
+    spec = spec or DEFAULT_CAPTIONER
+    scheme, _, target = spec.partition(":")
+    if scheme == "openai" and target:
+        return OpenAICaptioner(target)
+    if scheme == "hf" and target:
+        return HFCaptioner.load(target)
+    if scheme == "tiny" and target == "qwen3.5-vl":
+        from ..engines import tiny
+
+        model, tokenizer, images = tiny.build_vlm()
+        return HFCaptioner(model, tokenizer, images, id=spec)
+    raise UnknownSpec(
+        f"unknown captioner {spec!r}: expected hf:REPO_OR_PATH, openai:URL#MODEL or tiny:qwen3.5-vl"
+    )
+
+
+def load_transcriber(spec: str) -> Transcriber:
+    scheme, _, target = spec.partition(":")
+    if scheme == "openai" and target:
+        url, _, model = target.partition("#")
+        return OpenAITranscriber(url, model or "whisper-1")
+    raise UnknownSpec(
+        f"unknown transcriber {spec!r}: expected openai:URL#MODEL (an /audio/transcriptions server)"
+    )
+
+
+class OpenAICaptioner:
+    """Frames as image parts of one user message to an OpenAI-compatible chat endpoint."""
+
+    def __init__(self, target: str) -> None:
+        from ..engines.openai import OpenAIEngine
+
+        self._engine = OpenAIEngine.from_spec(target)
+        self.id = f"openai:{self._engine.model}@{self._engine.base_url}"
+
+    def caption(self, frames: Sequence[bytes], prompt: str, *, max_new_tokens: int) -> str:
+        parts: list[dict[str, Any]] = [
+            {
+                "type": "image_url",
+                "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(f).decode()},
+            }
+            for f in frames
+        ]
+        parts.append({"type": "text", "text": prompt})
+        return self._engine.chat([{"role": "user", "content": parts}], max_new_tokens=max_new_tokens).text
+
+
+class HFCaptioner:
+    """A transformers vision-language model, greedy.
+
+    The image placeholders are expanded here (one per merged patch, as the model's processor
+    would) so that only the image processor is needed: Qwen's full processor also wants a video
+    processor, which needs torchvision, a large install that captioning frames does not use.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, images: Any, *, id: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.images = images
+        self.id = id
+        image_id = getattr(model.config, "image_token_id", None)
+        if not isinstance(image_id, int):
+            raise ModelUnavailable(f"{id} is not a vision-language model (its config has no image_token_id)")
+        self._image_token = tokenizer.convert_ids_to_tokens(image_id)
+        self._merge = int(getattr(images, "merge_size", 2))
+
+    @classmethod
+    def load(cls, target: str) -> HFCaptioner:
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        from ..engines.hf import _device, _guard_gpu_only_packages
+
+        device = _device()
+        _guard_gpu_only_packages(device)
+        dtype = getattr(
+            torch, os.environ.get("LINMEM_DTYPE") or ("float32" if device == "cpu" else "bfloat16")
+        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+            images = AutoImageProcessor.from_pretrained(target, local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(target, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelUnavailable(
+                f"cannot load captioner {target!r} offline ({reason}); download it with "
+                f"`hf download {target}` on a connected machine, or use an endpoint: "
+                "--captioner openai:URL#MODEL"
+            ) from None
+        model.to(torch.device(device))  # type: ignore[arg-type]
+        model.eval()
+        return cls(model, tokenizer, images, id=f"hf:{target}")
+
+    def caption(self, frames: Sequence[bytes], prompt: str, *, max_new_tokens: int) -> str:
+        import torch
+        from PIL import Image
+
+        pictures = [Image.open(io.BytesIO(f)).convert("RGB") for f in frames]
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in pictures]
+        content.append({"type": "text", "text": prompt})
+        messages = [{"role": "user", "content": content}]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
+        except TypeError:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs: dict[str, Any] = {}
+        if pictures:
+            inputs.update(self.images(images=pictures, return_tensors="pt"))
+            text = self._expand(str(text), inputs["image_grid_thw"].prod(-1).tolist())
+        inputs.update(self.tokenizer(str(text), return_tensors="pt", add_special_tokens=False))
+        device = self.model.device
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[0, inputs["input_ids"].shape[1] :]
+        return strip_think(self.tokenizer.decode(new, skip_special_tokens=True)).strip()
+
+    def _expand(self, text: str, patches: list[int]) -> str:
+        pieces = text.split(self._image_token)
+        if len(pieces) - 1 != len(patches):
+            raise EngineError(
+                f"{self.id}: the chat template placed {len(pieces) - 1} image placeholders for "
+                f"{len(patches)} frames"
+            )
+        per_image = [self._image_token * (n // self._merge**2) for n in patches]
+        return pieces[0] + "".join(tokens + rest for tokens, rest in zip(per_image, pieces[1:], strict=True))
+
+
+class OpenAITranscriber:
+    """``POST {base_url}/audio/transcriptions`` with the clip's WAV as a multipart upload."""
+
+    def __init__(
+        self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 300.0
+    ) -> None:
+        from ..engines.openai import _check_url
+
+        self.base_url = _check_url(base_url)
+        self.model = model
+        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.id = f"openai:{model}@{self.base_url}"
+
+    def transcribe(self, wav: bytes) -> str:
+        url = f"{self.base_url}/audio/transcriptions"
+        try:
+            resp = self._client.post(
+                url,
+                files={"file": ("clip.wav", wav, "audio/wav")},
+                data={"model": self.model, "response_format": "json"},
+            )
+        except httpx.HTTPError as e:
+            raise EngineError(f"POST {url}: cannot reach the server ({type(e).__name__}: {e})") from e
+        if resp.is_error:
+            raise EngineError(f"POST {url}: HTTP {resp.status_code}: {resp.text[:300]}")
+        try:
+            text = resp.json()["text"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise EngineError(f"POST {url}: unexpected answer, no 'text' in {resp.text[:300]}") from e
+        return str(text).strip()

@@ -1,0 +1,91 @@
+"""Clip captions as memory items, and the captions JSON Lines format that carries them.
+
+One line per caption (usually one per clip), for example
+``{"clip": 3, "start": 90, "end": 120, "caption": "...", "transcript": "..."}``, with ``start``
+and ``end`` in seconds and ``transcript`` optional. `linmem ingest` writes items of the same shape
+from a video, and reads such files directly (for users who have captions already).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import BadInput
+from ..types import Item
+
+
+def mmss(seconds: float) -> str:
+    """``"MM:SS"`` for a time in seconds (minutes may exceed 59)."""
+    whole = max(0, int(seconds))
+    return f"{whole // 60:02d}:{whole % 60:02d}"
+
+
+def caption_text(caption: str, transcript: str | None) -> str:
+    """The item text of a clip: its caption, then what was said."""
+    speech = transcript.strip() if transcript else ""
+    return caption.strip() + (f' Speech: "{speech}"' if speech else "")
+
+
+def caption_item(
+    clip: int, caption: str, *, source: str, start: float | None, end: float | None,
+    transcript: str | None = None, meta: dict[str, object] | None = None,
+) -> Item:  # fmt: skip
+    time = f"{mmss(start)}-{mmss(end)}" if start is not None and end is not None else None
+    return Item(
+        text=caption_text(caption, transcript),
+        clip=clip,
+        time=time,
+        source=source,
+        meta={"start": start, "end": end} | (meta or {}),
+    )
+
+
+def read_captions(path: str | Path, source: str) -> list[Item]:
+    """Caption items of one video from a captions JSON Lines file, in clip order."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        number = raw[: e.start].count(b"\n") + 1
+        raise BadInput(f"{path}:{number}: not UTF-8") from None
+    items = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if line.strip():
+            try:
+                item = _parse(line, source)
+            except BadInput as e:
+                raise BadInput(f"{path}:{number}: {e}") from None
+            items.append(item)
+    if not items:
+        raise BadInput(f"{path}: no captions (the file is empty)")
+    return sorted(items, key=lambda i: i.clip or 0)
+
+
+def _parse(line: str, source: str) -> Item:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"expected a JSON object, found {type(obj).__name__}")
+    for name in ("clip", "caption"):
+        if name not in obj:
+            raise BadInput(f"missing field {name!r}")
+    clip, caption = obj["clip"], obj["caption"]
+    if isinstance(clip, bool) or not isinstance(clip, int) or clip < 0:
+        raise BadInput(f"field 'clip' must be an integer >= 0, found {clip!r}")
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadInput("field 'caption' must be a non-empty string")
+    times = [obj.get(name) for name in ("start", "end")]
+    for name, value in zip(("start", "end"), times, strict=True):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise BadInput(f"field {name!r} must be a number of seconds, found {value!r}")
+    transcript = obj.get("transcript")
+    if transcript is not None and not isinstance(transcript, str):
+        raise BadInput("field 'transcript' must be a string")
+    return caption_item(clip, caption, source=source, start=times[0], end=times[1], transcript=transcript)

@@ -1,0 +1,406 @@
+"""Video to memory with the real ffmpeg, a tiny random Qwen3.5 VLM and a local OpenAI-compatible server.
+
+The test video's brightness grows with time (luma = 2·t), so the brightness of a sampled frame
+says when it was taken: frames can be checked to come from their clip's span.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import wave
+from pathlib import Path
+
+import pytest
+from openai_server import OpenAIServer, text_of
+from PIL import Image, ImageStat
+
+from linmem import cli
+from linmem.errors import BadInput, EngineError
+from linmem.memory import open_memory
+from linmem.video import Sampling, ingest, load_captioner, media
+from linmem.video.media import MissingTool
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("ffmpeg") is None and not os.environ.get("LINMEM_REQUIRE_FFMPEG"),
+    reason="ffmpeg is not installed (CI installs it and sets LINMEM_REQUIRE_FFMPEG)",
+)
+
+DURATION = 95
+
+
+def _make(path: Path, *inputs: str, extra: tuple[str, ...] = ()) -> Path:
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y"]
+    for spec in inputs:
+        cmd += ["-f", "lavfi", "-i", spec]
+    subprocess.run([*cmd, *extra, str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("videos")
+    ramp = f"nullsrc=s=64x48:r=5:d={DURATION},geq=lum='2*T':cb=128:cr=128"
+    tone = f"sine=frequency=440:sample_rate=44100:duration={DURATION}"
+    h264 = ("-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p")
+    out = {
+        "ramp": _make(root / "ramp.mp4", ramp, tone, extra=(*h264, "-c:a", "aac", "-shortest")),
+        "silent": _make(root / "silent.mp4", "testsrc=s=96x64:r=5:d=40", extra=h264),
+        "zero": _make(root / "zero.mp4", "testsrc=s=64x48:r=5", extra=("-frames:v", "0")),
+    }
+    clips = root / "ramp-clips"
+    clips.mkdir()
+    for i in range(4):  # pre-cut, the way M3-Agent's README does it (but re-encoded, so exact)
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-v", "error", "-y", "-ss", str(30 * i), "-t", "30",
+             "-i", str(out["ramp"]),
+             *h264, "-c:a", "aac", str(clips / f"{i}.mp4")],
+            check=True,
+        )  # fmt: skip
+    out["clips"] = clips
+    (root / "notes.mp4").write_text("these are meeting notes, not a video\n")
+    out["notes"] = root / "notes.mp4"
+    return out
+
+
+def _seconds(jpeg: bytes) -> float:
+    """When a frame of the ramp video was taken, from its brightness (limited-range luma)."""
+    gray = ImageStat.Stat(Image.open(io.BytesIO(jpeg)).convert("L")).mean[0]
+    return (gray * 219 / 255 + 16) / 2
+
+
+# Cutting, frames, audio
+
+
+def test_a_95_second_video_is_four_clips_with_exact_boundaries(videos: dict[str, Path]) -> None:
+    info = media.probe(videos["ramp"])
+    assert info.has_video and info.has_audio and info.duration == pytest.approx(DURATION, abs=0.1)
+    spans = media.spans(info.duration, 30)
+    assert [(s.index, s.start, s.end) for s in spans] == [
+        (0, 0, 30),
+        (1, 30, 60),
+        (2, 60, 90),
+        (3, 90, pytest.approx(DURATION, abs=0.1)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("duration", "clip", "expected"),
+    [(90.0, 30, 3), (90.02, 30, 3), (91.5, 30, 4), (0.4, 30, 1), (7.0, 2.5, 3), (59.999, 60, 1)],
+)
+def test_clip_count_drops_only_a_sub_second_tail(duration: float, clip: float, expected: int) -> None:
+    spans = media.spans(duration, clip)
+    assert len(spans) == expected
+    assert spans[-1].end == pytest.approx(duration)
+    assert all(a.end == b.start for a, b in zip(spans, spans[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("fps", "max_frames", "clip", "count"), [(1, 8, 0, 8), (0.2, 8, 1, 6), (1, 8, 3, 5), (0.5, 3, 2, 3)]
+)
+def test_frames_are_sampled_as_configured_from_their_clip(
+    videos: dict[str, Path], fps: float, max_frames: int, clip: int, count: int
+) -> None:
+    span = media.spans(media.probe(videos["ramp"]).duration)[clip]
+    frames = media.frames(videos["ramp"], span, fps=fps, max_frames=max_frames)
+    assert len(frames) == count
+    times = [_seconds(f) for f in frames]
+    assert times == sorted(times)
+    # Luma below 16 clips to black, so the first seconds all read as t = 8.
+    assert all(max(span.start, 8) - 1.5 <= t <= span.end + 1.5 for t in times), (span, times)
+
+
+def test_frames_are_scaled_to_the_longer_side(videos: dict[str, Path]) -> None:
+    span = media.Span(0, 0.0, 10.0)
+    (frame,) = media.frames(videos["silent"], span, fps=0.1, max_frames=1, max_side=48)
+    assert Image.open(io.BytesIO(frame)).size == (48, 32)  # 96x64, aspect kept
+    (frame,) = media.frames(videos["silent"], span, fps=0.1, max_frames=1, max_side=448)
+    assert Image.open(io.BytesIO(frame)).size == (96, 64)  # never upscaled
+
+
+def test_audio_is_16khz_mono_of_the_clip_length(videos: dict[str, Path]) -> None:
+    spans = media.spans(media.probe(videos["ramp"]).duration)
+    for span in (spans[1], spans[3]):
+        with wave.open(io.BytesIO(media.audio(videos["ramp"], span))) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+            assert w.getnframes() / 16000 == pytest.approx(span.seconds, abs=0.05)
+
+
+# Captioning
+
+
+def test_tiny_qwen35_vlm_captions_every_clip(videos: dict[str, Path], linmem_home: Path) -> None:
+    memory = open_memory("vid", home=linmem_home, create=True)
+    sampling = Sampling(fps=0.5, max_frames=3)
+    reports = ingest(
+        memory, [videos["ramp"]], captioner="tiny:qwen3.5-vl", sampling=sampling, max_new_tokens=6
+    )
+    assert [r.to_dict() for r in reports] == [
+        {
+            "source": "ramp",
+            "path": str(videos["ramp"]),
+            "kind": "video",
+            "clips": 4,
+            "written": 4,
+            "skipped": 0,
+        }
+    ]
+    items = memory.items()
+    assert [(i.clip, i.time, i.source) for i in items] == [
+        (0, "00:00-00:30", "ramp"),
+        (1, "00:30-01:00", "ramp"),
+        (2, "01:00-01:30", "ramp"),
+        (3, "01:30-01:35", "ramp"),
+    ]
+    assert [i.meta["frames"] for i in items] == [3, 3, 3, 3]
+    assert all(i.meta["captioner"] == "tiny:qwen3.5-vl" and i.text.strip() for i in items)
+    assert items[3].meta["end"] == pytest.approx(DURATION, abs=0.1)
+
+
+def test_a_vlm_saved_to_disk_loads_and_captions_identically(videos: dict[str, Path], tmp_path: Path) -> None:
+    from linmem.engines import tiny
+
+    directory = tiny.save("qwen3.5-vl", tmp_path / "vlm")
+    span = media.Span(1, 30.0, 60.0)
+    frames = media.frames(videos["ramp"], span, fps=0.2, max_frames=2)
+    built, loaded = load_captioner("tiny:qwen3.5-vl"), load_captioner(f"hf:{directory}")
+    assert loaded.id == f"hf:{directory}"
+    assert built.caption(frames, "What happens?", max_new_tokens=8) == loaded.caption(
+        frames, "What happens?", max_new_tokens=8
+    )
+
+
+def _captioning_server(calls: list[dict[str, object]]) -> OpenAIServer:
+    def chat(request: dict[str, object]) -> dict[str, str]:
+        (message,) = request["messages"]  # type: ignore[misc]
+        parts = message["content"]
+        images = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+        for url in images:
+            head, data = url.split(",", 1)
+            assert head == "data:image/jpeg;base64"
+            Image.open(io.BytesIO(base64.b64decode(data))).verify()
+        prompt = text_of(parts)
+        calls.append({"images": len(images), "prompt": prompt})
+        clip = prompt.split("come from clip ")[1].split(" ")[0]
+        return {"content": f"Clip {clip}: the screen brightens ({len(images)} frames)."}
+
+    return OpenAIServer(chat=chat, model="vlm")
+
+
+def test_an_openai_endpoint_captions_and_a_transcription_endpoint_hears(
+    videos: dict[str, Path], linmem_home: Path
+) -> None:
+    calls: list[dict[str, object]] = []
+    heard: list[tuple[int, int, str]] = []
+
+    def transcribe(audio: bytes, fields: dict[str, str]) -> str:
+        with wave.open(io.BytesIO(audio)) as w:
+            heard.append((w.getframerate(), w.getnchannels(), fields["model"]))
+            return f"a {w.getnframes() // 16000} second tone"
+
+    server = _captioning_server(calls)
+    server.transcribe = transcribe
+    with server:
+        memory = open_memory("web", home=linmem_home, create=True)
+        ingest(
+            memory,
+            [videos["ramp"]],
+            captioner=f"openai:{server.url}#vlm",
+            transcriber=f"openai:{server.url}#whisper-1",
+            sampling=Sampling(fps=0.1, max_frames=2),
+        )
+    assert heard == [(16000, 1, "whisper-1")] * 4
+    assert [c["images"] for c in calls] == [2, 2, 2, 1]  # 5 s at 0.1 fps is one frame
+    assert 'Speech heard in the clip: "a 30 second tone"' in str(calls[0]["prompt"])
+    items = memory.items()
+    assert items[0].text == 'Clip 0: the screen brightens (2 frames). Speech: "a 30 second tone"'
+    assert items[3].text == 'Clip 3: the screen brightens (1 frames). Speech: "a 5 second tone"'
+    assert items[1].meta["transcript"] == "a 30 second tone"
+
+
+def test_a_video_without_sound_is_not_sent_for_transcription(
+    videos: dict[str, Path], linmem_home: Path
+) -> None:
+    heard: list[bytes] = []
+    calls: list[dict[str, object]] = []
+    server = _captioning_server(calls)
+    server.transcribe = lambda audio, fields: heard.append(audio) or "?"
+    with server:
+        memory = open_memory("quiet", home=linmem_home, create=True)
+        ingest(memory, [videos["silent"]], captioner=f"openai:{server.url}#vlm",
+               transcriber=f"openai:{server.url}#w", sampling=Sampling(fps=0.1, max_frames=1))  # fmt: skip
+    assert heard == [] and len(memory.items()) == 2
+    assert all(i.meta["transcript"] == "" and "Speech" not in i.text for i in memory.items())
+
+
+# Resuming
+
+
+def test_a_failed_clip_stops_the_run_and_the_rerun_resumes_without_duplicates(
+    videos: dict[str, Path], linmem_home: Path
+) -> None:
+    calls: list[dict[str, object]] = []
+    server = _captioning_server(calls)
+    memory = open_memory("resume", home=linmem_home, create=True)
+    with server:
+        spec = f"openai:{server.url}#vlm"
+        sampling = Sampling(fps=0.1, max_frames=1)
+        original = server.chat
+        server.chat = lambda r: original(r) if len(calls) < 2 else {"content": "   "}
+        with pytest.raises(EngineError, match="clip 2 .*empty caption"):
+            ingest(memory, [videos["ramp"]], captioner=spec, sampling=sampling)
+        assert [i.clip for i in memory.items()] == [0, 1]
+        server.chat = original
+        calls.clear()
+        (report,) = ingest(memory, [videos["ramp"]], captioner=spec, sampling=sampling)
+        assert (report.written, report.skipped) == (2, 2)
+        assert len(calls) == 2
+        (again,) = ingest(memory, [videos["ramp"]], captioner=spec, sampling=sampling)
+    assert (again.written, again.skipped) == (0, 4)
+    assert [i.clip for i in memory.items()] == [0, 1, 2, 3]
+
+
+def test_an_ingest_killed_mid_run_resumes_without_duplicates(
+    videos: dict[str, Path], linmem_home: Path
+) -> None:
+    calls: list[dict[str, object]] = []
+    server = _captioning_server(calls)
+    original = server.chat
+    hold = threading.Event()
+
+    def slow_third(request: dict[str, object]) -> dict[str, str]:
+        if len(calls) == 2:
+            hold.wait(30)  # the process is killed while it waits for clip 2's caption
+        return original(request)
+
+    server.chat = slow_third
+    with server:
+        cmd = [sys.executable, "-m", "linmem", "ingest", str(videos["ramp"]), "--memory", "killed",
+               "--home", str(linmem_home), "--captioner", f"openai:{server.url}#vlm", "--fps", "0.1",
+               "--max-frames", "1"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while len(calls) < 2 or len(server.requests) < 3:
+                assert time.monotonic() < deadline and proc.poll() is None, "ingest never reached clip 2"
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            hold.set()
+            if proc.poll() is None:
+                proc.kill()
+        memory = open_memory("killed", home=linmem_home)
+        assert [i.clip for i in memory.items()] == [0, 1]
+        server.chat = original
+        (report,) = ingest(memory, [videos["ramp"]], captioner=f"openai:{server.url}#vlm",
+                           sampling=Sampling(fps=0.1, max_frames=1))  # fmt: skip
+    assert (report.written, report.skipped) == (2, 2)
+    assert [i.clip for i in memory.items()] == [0, 1, 2, 3]
+
+
+def test_recutting_a_source_at_another_length_is_refused(videos: dict[str, Path], linmem_home: Path) -> None:
+    calls: list[dict[str, object]] = []
+    with _captioning_server(calls) as server:
+        memory = open_memory("cut", home=linmem_home, create=True)
+        spec = f"openai:{server.url}#vlm"
+        ingest(memory, [videos["silent"]], captioner=spec, sampling=Sampling(fps=0.1, max_frames=1))
+        with pytest.raises(BadInput, match="cut into 30 s clips; ingest it with --clip-seconds 30"):
+            ingest(memory, [videos["silent"]], captioner=spec, sampling=Sampling(clip_seconds=10))
+    assert len(memory.items()) == 2
+
+
+# Other inputs
+
+
+def test_a_directory_of_precut_clips_is_placed_on_the_timeline(
+    videos: dict[str, Path], linmem_home: Path
+) -> None:
+    calls: list[dict[str, object]] = []
+    with _captioning_server(calls) as server:
+        memory = open_memory("precut", home=linmem_home, create=True)
+        (report,) = ingest(memory, [videos["clips"]], captioner=f"openai:{server.url}#vlm",
+                           sampling=Sampling(fps=0.1, max_frames=3))  # fmt: skip
+    assert (report.source, report.kind, report.clips) == ("ramp-clips", "clips", 4)
+    assert [(i.clip, i.time) for i in memory.items()] == [
+        (0, "00:00-00:30"), (1, "00:30-01:00"), (2, "01:00-01:30"), (3, "01:30-01:35"),
+    ]  # fmt: skip
+    assert [c["images"] for c in calls] == [3, 3, 3, 1]
+
+
+def test_a_captions_file_needs_no_model_and_goes_in_once(tmp_path: Path, linmem_home: Path) -> None:
+    captions = tmp_path / "kitchen.jsonl"
+    lines = [
+        {"clip": 0, "start": 0, "end": 30, "caption": "A woman opens the fridge."},
+        {"clip": 1, "start": 30, "end": 60, "caption": "She pours milk.", "transcript": "Want some?"},
+    ]
+    captions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    memory = open_memory("cap", home=linmem_home, create=True)
+    (first,) = ingest(memory, [captions], captioner="hf:/nonexistent/never-loaded")
+    (second,) = ingest(memory, [captions], captioner="hf:/nonexistent/never-loaded")
+    assert (first.written, second.written, second.skipped) == (2, 0, 2)
+    assert [(i.clip, i.time, i.text) for i in memory.items()] == [
+        (0, "00:00-00:30", "A woman opens the fridge."),
+        (1, "00:30-01:00", 'She pours milk. Speech: "Want some?"'),
+    ]
+
+
+# Bad input: clear errors, nothing written
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("notes", "notes.mp4: not a video ffmpeg can read"), ("zero", "zero.mp4: the video is empty")],
+)
+def test_bad_videos_stop_before_anything_is_written(
+    videos: dict[str, Path], linmem_home: Path, name: str, message: str
+) -> None:
+    memory = open_memory("bad", home=linmem_home, create=True)
+    with pytest.raises(BadInput, match=message):  # the good video comes first and is not written either
+        ingest(memory, [videos["silent"], videos[name]], captioner="tiny:qwen3.5-vl")
+    assert memory.items() == []
+
+
+def test_a_missing_ffmpeg_is_named_with_the_fix(
+    videos: dict[str, Path],
+    linmem_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("LINMEM_FFMPEG", "/nonexistent/ffmpeg")
+    memory = open_memory("noff", home=linmem_home, create=True)
+    with pytest.raises(MissingTool, match="install ffmpeg"):
+        ingest(memory, [videos["silent"]], captioner="tiny:qwen3.5-vl")
+    code = cli.main(
+        ["ingest", str(videos["silent"]), "--memory", "noff", "--home", str(linmem_home), "--json"]
+    )
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert code == 1 and error["code"] == "missing_tool" and "LINMEM_FFMPEG" in error["message"]
+    assert memory.items() == []
+
+
+def test_cli_ingest_reports_one_json_object(videos: dict[str, Path], linmem_home: Path, capsys) -> None:
+    args = ["ingest", str(videos["silent"]), "--memory", "cli", "--home", str(linmem_home),
+            "--captioner", "tiny:qwen3.5-vl", "--fps", "0.1", "--max-frames", "1", "--max-new-tokens", "4",
+            "--json"]  # fmt: skip
+    assert cli.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["memory"] == "cli" and out["items"] == 2
+    assert out["sources"] == [
+        {
+            "source": "silent",
+            "path": str(videos["silent"]),
+            "kind": "video",
+            "clips": 2,
+            "written": 2,
+            "skipped": 0,
+        }
+    ]
