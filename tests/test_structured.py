@@ -513,7 +513,7 @@ def test_cli_ingest_then_structure_then_read(tmp_path: Path, linmem_home: Path, 
 
     captions = tmp_path / "kitchen_00.jsonl"
     captions.write_text(
-        "".join(json.dumps({"clip": c, "start": 30 * c, "end": 30 * c + 30, "caption": t}) + "\n"
+        "".join(json.dumps({"clip": c, "start": 20 * c, "end": 20 * c + 20, "caption": t}) + "\n"
                 for c, t in CAPTIONS.items())
     )  # fmt: skip
     home = ["--home", str(linmem_home)]
@@ -533,6 +533,7 @@ def test_cli_ingest_then_structure_then_read(tmp_path: Path, linmem_home: Path, 
     assert len(chat.calls) == 3
     lines = open_memory("raw-structured", home=linmem_home).items()
     assert {f"CLIP_{c}": [i.text for i in lines if i.clip == c] for c in range(3)} == EXPECTED_JSON
+    assert {(i.clip, i.time) for i in lines} == {(0, "00:00-00:20"), (1, "00:20-00:40"), (2, "00:40-01:00")}
     exported = load_graph(tmp_path / "graphs" / "kitchen_00.json")
     assert render_json(exported) == json.dumps(EXPECTED_JSON)
     cached = load_graph(linmem_home / "raw" / "cache" / "structured" / "kitchen_00.json")

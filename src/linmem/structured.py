@@ -45,7 +45,7 @@ MAX_ENTITIES = 40
 MAX_FACTS = 3
 
 EXTRACTION_PROMPT = """\
-You turn the caption of one 30-second video clip into structured memory.
+You turn the caption of one video clip into structured memory.
 
 Entities already known from earlier clips (tag, then what is known about it):
 {entities}
@@ -803,7 +803,14 @@ def structure(
         save_graph(graph, folder / f"{source}.json")
         if export is not None:
             files.append(str(save_graph(graph, Path(export) / f"{source}.json")))
-    written = into.write([line for source, graph in graphs.items() for line in graph_items(graph, source)])
+    # The captions know their clips' real times (any clip length); graph files assume 30 s.
+    times = {(i.source, i.clip): i.time for i in items if i.time}
+    lines = [
+        replace(line, time=times.get((source, line.clip), line.time))
+        for source, graph in graphs.items()
+        for line in graph_items(graph, source)
+    ]
+    written = into.write(lines)
     return {
         "memory": memory.name,
         "into": into.name,
