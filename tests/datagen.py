@@ -6,6 +6,14 @@ import json
 import random
 from pathlib import Path
 
+# A five-clip household memory: clip 1 answers "where is the red mug?".
+KITCHEN_CLIPS = [
+    "Lily walks into the kitchen and makes coffee.",
+    "Lily puts the red mug on the shelf above the sink.",
+    "Tom reads a newspaper in the living room.",
+    "Tom tells Lily that he works as a marketing manager.",
+    "The cat sleeps on the sofa next to the red blanket.",
+]
 PEOPLE = [("Caroline", "Melanie"), ("Jon", "Gina"), ("Ana", "Ben")]
 TOPICS = [
     ("painting", "I painted a sunrise over the lake last weekend.", "a sunrise over the lake"),

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import pytest
+from datagen import KITCHEN_CLIPS
 from openai_server import OpenAIServer, ScriptedChat
 
 from linmem import prompts
@@ -23,13 +24,7 @@ from linmem.memory import Memory, open_memory
 from linmem.types import Item, Tokens
 
 QUESTION = "Where did Lily put the red mug?"
-CLIPS = [
-    "Lily walks into the kitchen and makes coffee.",
-    "Lily puts the red mug on the shelf above the sink.",
-    "Tom reads a newspaper in the living room.",
-    "Tom tells Lily that he works as a marketing manager.",
-    "The cat sleeps on the sofa next to the red blanket.",
-]
+CLIPS = KITCHEN_CLIPS
 INSTRUCTION, LAST, EMPTY = prompts.M3_INSTRUCTION, prompts.M3_LAST_ROUND, prompts.M3_EMPTY_RESULT
 
 

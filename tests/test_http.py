@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from datagen import KITCHEN_CLIPS
 from fastapi.testclient import TestClient
 from openai_server import OpenAIServer, ScriptedChat
 
@@ -34,13 +35,7 @@ from linmem.state import RAM
 TOKEN = "correct-horse-battery-staple"
 MAX_REQUEST = 64 * 2**10
 MAX_ITEM = 2**10
-CLIPS = [
-    "Lily walks into the kitchen and makes coffee.",
-    "Lily puts the red mug on the shelf above the sink.",
-    "Tom reads a newspaper in the living room.",
-    "Tom tells Lily that he works as a marketing manager.",
-    "The cat sleeps on the sofa next to the red blanket.",
-]
+CLIPS = KITCHEN_CLIPS
 HASH: dict[str, Any] = {"backend": "embedding", "embedder": "hash", "top_k": 2, "threshold": -1.0}
 TINY: dict[str, Any] = {"model": "tiny:qwen3.5", "max_new_tokens": 6}
 

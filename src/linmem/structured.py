@@ -33,7 +33,7 @@ from .engines.base import Engine
 from .errors import BadInput, ContextOverflow, EngineError, LinmemError
 from .memory import Memory
 from .types import Item
-from .video.captions import mmss
+from .video.captions import line_items
 
 FORMAT = "linmem-structured"
 VERSION = 1
@@ -462,17 +462,7 @@ def render_json(graph: nx.Graph) -> str:
 
 def graph_items(graph: nx.Graph, source: str) -> list[Item]:
     """One item per translated line, in clip then insertion order, timed as 30-second clips."""
-    return [
-        Item(
-            text=text,
-            clip=clip,
-            time=f"{mmss(clip * CLIP_SECONDS)}-{mmss((clip + 1) * CLIP_SECONDS)}",
-            source=source,
-            meta={"kind": kind},
-        )
-        for clip, lines in clip_lines(graph).items()
-        for kind, text in lines
-    ]
+    return line_items(clip_lines(graph), source, CLIP_SECONDS)
 
 
 # --- extraction --------------------------------------------------------------------------------------

@@ -41,6 +41,22 @@ def caption_item(
     )
 
 
+def line_items(lines: dict[int, list[tuple[str, str]]], source: str, clip_seconds: int = 30) -> list[Item]:
+    """Items of a structured memory: clip -> [(kind, text), ...] to one item per line, in order,
+    timed as fixed-length clips, with the line's kind ("episodic", "semantic") in `meta`."""
+    return [
+        Item(
+            text=text,
+            clip=clip,
+            time=f"{mmss(clip * clip_seconds)}-{mmss((clip + 1) * clip_seconds)}",
+            source=source,
+            meta={"kind": kind},
+        )
+        for clip, clip_lines in lines.items()
+        for kind, text in clip_lines
+    ]
+
+
 def read_captions(path: str | Path, source: str) -> list[Item]:
     """Caption items of one video from a captions JSON Lines file, in clip order."""
     path = Path(path)

@@ -22,7 +22,7 @@ from typing import Any
 
 from ...errors import BadInput
 from ...types import Item
-from ...video.captions import mmss, read_captions
+from ...video.captions import line_items, read_captions
 from ..m3graph import graph_clip_lines, load_graph
 from . import read_json
 from .base import Example, Task
@@ -154,17 +154,7 @@ def read_graph_items(path: str | Path, source: str) -> list[Item]:
         raise BadInput(f"{path}: malformed memory graph ({type(e).__name__}: {e})") from None
     if not lines:
         raise BadInput(f"{path}: the memory graph has no episodic or semantic lines")
-    return [
-        Item(
-            text=text,
-            clip=clip,
-            time=f"{mmss(clip * CLIP_SECONDS)}-{mmss((clip + 1) * CLIP_SECONDS)}",
-            source=source,
-            meta={"kind": kind},
-        )
-        for clip, clip_lines in lines.items()
-        for kind, text in clip_lines
-    ]
+    return line_items(lines, source, CLIP_SECONDS)
 
 
 def read_structured_items(path: str | Path, source: str) -> list[Item]:
