@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -129,21 +130,29 @@ def ingest(
                 memory.write([replace(i, meta=i.meta | {"ingest": "captions"}) for i in fresh])
             written = len({i.clip for i in fresh})
         else:
-            for clip in src.clips:
-                if clip.index in present:
-                    continue
-                if cap is None:
-                    cap = (
-                        load_captioner(captioner)
-                        if captioner is None or isinstance(captioner, str)
-                        else captioner
+            pending = [c for c in src.clips if c.index not in present]
+            # ffmpeg (and the transcription request) for the next clip runs while the model
+            # captions this one; items are still written in clip order, one commit each.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="linmem-ffmpeg") as pool:
+                ahead = pool.submit(_look, src, pending[0], ear, sampling) if pending else None
+                for n, clip in enumerate(pending):
+                    assert ahead is not None
+                    looked = ahead.result()
+                    ahead = (
+                        pool.submit(_look, src, pending[n + 1], ear, sampling)
+                        if n + 1 < len(pending)
+                        else None
                     )
-                memory.write(
-                    [_caption(src, clip, cap, ear, sampling=sampling, max_new_tokens=max_new_tokens)]
-                )
-                written += 1
-                if progress is not None:
-                    progress(1)
+                    if cap is None:
+                        cap = (
+                            load_captioner(captioner)
+                            if captioner is None or isinstance(captioner, str)
+                            else captioner
+                        )
+                    memory.write([_describe(src, clip, looked, cap, ear, sampling, max_new_tokens)])
+                    written += 1
+                    if progress is not None:
+                        progress(1)
         total = len(src.indices)
         reports.append(SourceReport(src.source, str(src.path), src.kind, total, written, total - written))
     return reports
@@ -219,19 +228,31 @@ def _present(memory: Memory, sources: list[_Source], sampling: Sampling) -> dict
     return done
 
 
-def _caption(
-    src: _Source, clip: _Clip, captioner: Captioner, transcriber: Transcriber | None,
-    *, sampling: Sampling, max_new_tokens: int,
-) -> Item:  # fmt: skip
-    where = f"{src.path} clip {clip.index} ({mmss(clip.start)}-{mmss(clip.end)})"
+def _look(
+    src: _Source, clip: _Clip, transcriber: Transcriber | None, sampling: Sampling
+) -> tuple[list[bytes], str | None]:
+    """A clip's frames, and its speech as text when there is a transcriber and a sound track."""
     frames = media.frames(
         clip.file, clip.span, fps=sampling.fps, max_frames=sampling.max_frames, max_side=sampling.max_side
     )
     if not frames:
-        raise BadInput(f"{where}: ffmpeg decoded no frames")
+        raise BadInput(f"{_where(src, clip)}: ffmpeg decoded no frames")
     transcript = None
     if transcriber is not None and clip.has_audio:
         transcript = transcriber.transcribe(media.audio(clip.file, clip.span))
+    return frames, transcript
+
+
+def _where(src: _Source, clip: _Clip) -> str:
+    return f"{src.path} clip {clip.index} ({mmss(clip.start)}-{mmss(clip.end)})"
+
+
+def _describe(  # noqa: PLR0917 - private, called once
+    src: _Source, clip: _Clip, looked: tuple[list[bytes], str | None], captioner: Captioner,
+    transcriber: Transcriber | None, sampling: Sampling, max_new_tokens: int,
+) -> Item:  # fmt: skip
+    frames, transcript = looked
+    where = _where(src, clip)
     prompt = prompts.caption_prompt(clip.index, mmss(clip.start), mmss(clip.end), len(frames), transcript)
     caption = captioner.caption(frames, prompt, max_new_tokens=max_new_tokens).strip()
     if not caption:
