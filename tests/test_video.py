@@ -387,6 +387,31 @@ def test_a_missing_ffmpeg_is_named_with_the_fix(
     assert memory.items() == []
 
 
+def test_ffmpeg_missing_from_path_is_named(
+    videos: dict[str, Path], linmem_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("LINMEM_FFMPEG", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no ffmpeg, no ffprobe
+    memory = open_memory("nopath", home=linmem_home, create=True)
+    with pytest.raises(MissingTool, match="PATH lacks ffmpeg: install ffmpeg"):
+        ingest(memory, [videos["silent"]], captioner="tiny:qwen3.5-vl")
+    assert memory.items() == []
+
+
+def test_a_folder_of_whole_videos_is_told_how_to_ingest_them(
+    videos: dict[str, Path], linmem_home: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "holiday"
+    folder.mkdir()
+    shutil.copy(videos["silent"], folder / "beach.mp4")
+    memory = open_memory("folder", home=linmem_home, create=True)
+    with pytest.raises(
+        BadInput, match=r"named by their index .*'beach.mp4'.*linmem ingest .*holiday/\*\.mp4"
+    ):
+        ingest(memory, [folder], captioner="tiny:qwen3.5-vl")
+    assert memory.items() == []
+
+
 def test_cli_ingest_reports_one_json_object(videos: dict[str, Path], linmem_home: Path, capsys) -> None:
     args = ["ingest", str(videos["silent"]), "--memory", "cli", "--home", str(linmem_home),
             "--captioner", "tiny:qwen3.5-vl", "--fps", "0.1", "--max-frames", "1", "--max-new-tokens", "4",

@@ -193,7 +193,10 @@ def _clip_dir(path: Path, sampling: Sampling) -> _Source:
         raise BadInput(f"{path}: a clip directory needs video files named 0.mp4, 1.mp4, …; found none")
     bad = [f.name for f in files if not re.fullmatch(r"\d+", f.stem)]
     if bad:
-        raise BadInput(f"{path}: clip files must be named by their index (0.mp4, 1.mp4, …), found {bad[:3]}")
+        raise BadInput(
+            f"{path}: clip files must be named by their index (0.mp4, 1.mp4, …), found {bad[:3]}; "
+            f"to ingest whole videos, name the files instead (linmem ingest {path}/*.mp4)"
+        )
     seen: dict[int, Path] = {}
     clips = []
     for f in files:
