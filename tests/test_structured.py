@@ -540,6 +540,25 @@ def test_cli_ingest_then_structure_then_read(tmp_path: Path, linmem_home: Path, 
     assert render_json(cached) == render_json(exported)
     assert answered_by_both_readers(linmem_home)
 
+    # A run that fails leaves no empty target memory behind.
+    from linmem.memory import memories
+
+    tiny = [
+        "structure",
+        "raw",
+        "--model",
+        "tiny:qwen3.5",
+        "--into",
+        "never",
+        "--retries",
+        "0",
+        *home,
+        "--json",
+    ]
+    assert cli.main(tiny) == 1
+    assert "structured extraction failed" in json.loads(capsys.readouterr().out)["error"]["message"]
+    assert "never" not in memories(linmem_home)
+
 
 def answered_by_both_readers(home: Path) -> bool:
     from linmem.memory import open_memory

@@ -412,6 +412,18 @@ def test_a_folder_of_whole_videos_is_told_how_to_ingest_them(
     assert memory.items() == []
 
 
+def test_a_failed_cli_ingest_leaves_no_new_memory_behind(
+    videos: dict[str, Path], linmem_home: Path, capsys
+) -> None:
+    from linmem.memory import memories
+
+    code = cli.main(
+        ["ingest", str(videos["notes"]), "--memory", "fresh", "--home", str(linmem_home), "--json"]
+    )
+    assert code == 1 and "not a video" in json.loads(capsys.readouterr().out)["error"]["message"]
+    assert "fresh" not in memories(linmem_home)
+
+
 def test_cli_ingest_reports_one_json_object(videos: dict[str, Path], linmem_home: Path, capsys) -> None:
     args = ["ingest", str(videos["silent"]), "--memory", "cli", "--home", str(linmem_home),
             "--captioner", "tiny:qwen3.5-vl", "--fps", "0.1", "--max-frames", "1", "--max-new-tokens", "4",

@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +289,6 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
     from .video import Sampling, ingest
 
     sampling = Sampling(args.clip_seconds, args.fps, args.max_frames, args.frame_size)
-    memory = open_memory(args.memory, home=args.home, create=True)
     bar: Any = None
 
     def progress(n: int) -> None:
@@ -299,15 +299,16 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(n)
 
     try:
-        reports = ingest(
-            memory,
-            args.sources,
-            captioner=args.captioner,
-            transcriber=args.transcriber,
-            sampling=sampling,
-            max_new_tokens=args.max_new_tokens,
-            progress=progress,
-        )
+        with _target(args.memory, args.home) as memory:
+            reports = ingest(
+                memory,
+                args.sources,
+                captioner=args.captioner,
+                transcriber=args.transcriber,
+                sampling=sampling,
+                max_new_tokens=args.max_new_tokens,
+                progress=progress,
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -322,19 +323,34 @@ def cmd_structure(args: argparse.Namespace) -> dict[str, Any]:
     from .structured import structure
 
     memory = open_memory(args.name, home=args.home)
-    into = open_memory(args.into or f"{args.name}-structured", home=args.home, create=True)
+    engine = load_engine(args.model)
 
     def progress(source: str, clip: int, outcome: str) -> None:
         if not args.json:
             print(f"{source} clip {clip}: {outcome}", file=sys.stderr)
 
-    result = structure(memory, load_engine(args.model), into=into, export=args.export,
-                       retries=args.retries, progress=progress)  # fmt: skip
+    with _target(args.into or f"{args.name}-structured", args.home) as into:
+        result = structure(memory, engine, into=into, export=args.export,
+                           retries=args.retries, progress=progress)  # fmt: skip
     if not args.json:
         for source, info in result["sources"].items():
             print(f"{source}: {info['clips']} clips, {info['characters']} characters")
         print(f"wrote {result['written']} structured lines to {result['into']}")
     return result
+
+
+@contextmanager
+def _target(name: str, home: Path | None) -> Iterator[Memory]:
+    """The memory a command writes to, created if new; if the command fails before writing
+    anything to a memory it created, the empty memory is removed again."""
+    created = name not in memories(home)
+    memory = open_memory(name, home=home, create=True)
+    try:
+        yield memory
+    except BaseException:
+        if created and memory.state().count == 0:
+            delete_memory(name, home=home)
+        raise
 
 
 def cmd_ask(args: argparse.Namespace) -> dict[str, Any]:
