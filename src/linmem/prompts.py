@@ -148,3 +148,32 @@ CAPTION_SPEECH = '\nSpeech heard in the clip: "{transcript}"'
 def caption_prompt(clip: int, start: str, end: str, frames: int, transcript: str | None) -> str:
     speech = CAPTION_SPEECH.format(transcript=transcript.strip()) if transcript and transcript.strip() else ""
     return CAPTION_PROMPT.format(frames=frames, clip=clip, start=start, end=end, speech=speech)
+
+
+# Structured memory (`linmem.structured`): one clip's caption to M3-Agent-style episodic and
+# semantic lines with entity tags.
+
+EXTRACTION_PROMPT = """\
+You turn the caption of one video clip into structured memory.
+
+Entities already known from earlier clips (tag, then what is known about it):
+{entities}
+
+Caption of clip {clip}:
+{caption}
+
+Rules:
+- Refer to every person only by an entity tag such as <person_1>: never by a pronoun or an invented \
+name.
+- When the caption describes a known entity, reuse its known tag.
+- Give each new entity a new tag <person_N> with a fresh N, starting at {next_n}.
+- If two tags name the same entity (for example <face_3> and <voice_2>), list the pair under \
+"equivalences".
+- "episodic": the events of this clip in time order, one atomic event per line.
+- "semantic": character attributes, relationships between characters and general knowledge the \
+clip shows, one per line.
+
+Answer with one JSON object and nothing else:
+{{"episodic": ["..."], "semantic": ["..."], "equivalences": [["<person_1>", "<face_2>"]]}}"""
+
+EXTRACTION_RETRY = "That answer could not be used ({error}). Answer again with only the JSON object."

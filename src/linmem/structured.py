@@ -29,6 +29,7 @@ from typing import Any
 
 import networkx as nx
 
+from . import prompts
 from .engines.base import Engine
 from .errors import BadInput, ContextOverflow, EngineError, LinmemError
 from .memory import Memory
@@ -43,31 +44,6 @@ LINE_KINDS = ("episodic", "semantic")
 # Bounds on the known-entity context of a prompt, so it stays short however long the video is.
 MAX_ENTITIES = 40
 MAX_FACTS = 3
-
-EXTRACTION_PROMPT = """\
-You turn the caption of one video clip into structured memory.
-
-Entities already known from earlier clips (tag, then what is known about it):
-{entities}
-
-Caption of clip {clip}:
-{caption}
-
-Rules:
-- Refer to every person only by an entity tag such as <person_1>: never by a pronoun or an invented \
-name.
-- When the caption describes a known entity, reuse its known tag.
-- Give each new entity a new tag <person_N> with a fresh N, starting at {next_n}.
-- If two tags name the same entity (for example <face_3> and <voice_2>), list the pair under \
-"equivalences".
-- "episodic": the events of this clip in time order, one atomic event per line.
-- "semantic": character attributes, relationships between characters and general knowledge the \
-clip shows, one per line.
-
-Answer with one JSON object and nothing else:
-{{"episodic": ["..."], "semantic": ["..."], "equivalences": [["<person_1>", "<face_2>"]]}}"""
-
-RETRY_PROMPT = "That answer could not be used ({error}). Answer again with only the JSON object."
 
 # M3-Agent matches <([^<>]*_[^<>]*)>; this is narrower so that "<face_1, voice_2>" is not one tag.
 TAG_RE = re.compile(r"<\s*([A-Za-z][A-Za-z0-9]*_\w+)\s*>")
@@ -110,9 +86,6 @@ class Extraction:
             "semantic": list(self.semantic),
             "equivalences": [list(pair) for pair in self.equivalences],
         }
-
-
-# --- parsing ---------------------------------------------------------------------------------------
 
 
 def parse_extraction(text: str) -> Extraction:
@@ -266,9 +239,6 @@ def _excerpt(text: str, limit: int = 200) -> str:
     return repr(flat if len(flat) <= limit else flat[:limit] + "…")
 
 
-# --- characters -----------------------------------------------------------------------------------
-
-
 class _UnionFind:
     """Disjoint sets of tags; each set's root is its earliest-added tag, so results are deterministic."""
 
@@ -315,9 +285,6 @@ def characters(graph: nx.Graph) -> dict[str, str]:
 def _entities_in_order(graph: nx.Graph) -> list[str]:
     entities = [(d["index"], n) for n, d in graph.nodes(data=True) if d.get("type") == "entity"]
     return [n for _, n in sorted(entities)]
-
-
-# --- graph --------------------------------------------------------------------------------------
 
 
 def build_graph(source: str, model: str, clips: Iterable[tuple[int, Extraction]]) -> nx.Graph:
@@ -431,9 +398,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# --- rendering -------------------------------------------------------------------------------------
-
-
 def clip_lines(graph: nx.Graph) -> dict[int, list[tuple[str, str]]]:
     """Clip -> ``[(kind, line)]`` in insertion order, every tag rewritten to its ``<character_k>``
     (M3-Agent's translation; equivalences are edges here, never lines); clips ascending."""
@@ -463,9 +427,6 @@ def render_json(graph: nx.Graph) -> str:
 def graph_items(graph: nx.Graph, source: str) -> list[Item]:
     """One item per translated line, in clip then insertion order, timed as 30-second clips."""
     return line_items(clip_lines(graph), source, CLIP_SECONDS)
-
-
-# --- extraction --------------------------------------------------------------------------------------
 
 
 def extract(
@@ -575,7 +536,7 @@ class _Extractor:
                     messages = [
                         *messages[:1],
                         {"role": "assistant", "content": reply},
-                        {"role": "user", "content": RETRY_PROMPT.format(error=error)},
+                        {"role": "user", "content": prompts.EXTRACTION_RETRY.format(error=error)},
                     ]
                 continue
             self.store.record(key, attempt, extraction=extraction)
@@ -614,7 +575,7 @@ class _Known:
             self.next_person = max(self.next_person, int(person.group(1)) + 1)
 
     def prompt(self, clip: int, caption: str) -> str:
-        return EXTRACTION_PROMPT.format(
+        return prompts.EXTRACTION_PROMPT.format(
             entities=self.listing(), clip=clip, caption=caption, next_n=self.next_person
         )
 
@@ -631,9 +592,6 @@ class _Known:
             facts = list(dict.fromkeys(line for _, line in learnt))[-MAX_FACTS:]
             lines.append(" = ".join(tags) + (": " + " | ".join(facts) if facts else ""))
         return "\n".join(lines) if lines else "(none yet)"
-
-
-# --- cache ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -734,25 +692,6 @@ def _cache_entry(entry: Any) -> tuple[_Key, Extraction | None]:
     )
 
 
-__all__ = [
-    "EXTRACTION_PROMPT",
-    "Extraction",
-    "build_graph",
-    "characters",
-    "clip_lines",
-    "extract",
-    "graph_items",
-    "load_graph",
-    "parse_extraction",
-    "render_json",
-    "save_graph",
-    "tag_names",
-]
-
-
-# --- a memory of captions to a structured memory ------------------------------------------------
-
-
 def structure(
     memory: Memory,
     engine: Engine,
@@ -814,3 +753,19 @@ def structure(
 
 def _safe_stem(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
+__all__ = [
+    "Extraction",
+    "build_graph",
+    "characters",
+    "clip_lines",
+    "extract",
+    "graph_items",
+    "load_graph",
+    "parse_extraction",
+    "render_json",
+    "save_graph",
+    "structure",
+    "tag_names",
+]
