@@ -12,10 +12,10 @@ from transformers.models.kimi_linear import modeling_kimi_linear
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
 from linmem import kernels
-from linmem.kernels import kda
+from linmem.kernels import gdn, kda
 from linmem.kernels.naive import gdn_l2norm, kda_l2norm, naive_gated_delta_rule
 
-LENGTHS = [1, 63, 65, 130, 257]
+LENGTHS = [1, 63, 65, 130, 257, 577]  # 577: past a segment of gdn.SEGMENT chunks
 GDN_REFERENCE = modeling_qwen3_5.torch_chunk_gated_delta_rule.__wrapped__
 KDA_REFERENCE = modeling_kimi_linear.chunk_kimi_delta_attention.__wrapped__
 
@@ -89,6 +89,20 @@ def test_kda_matches_recurrence_and_reference(length, with_state, l2norm, decay)
     ours = kernels.chunk_kimi_delta_attention(*args, **kw)
     _assert_close(ours, naive_gated_delta_rule(*args, **kw, norm=kda_l2norm))
     _assert_close(ours, KDA_REFERENCE(*args, **kw))
+
+
+@pytest.mark.parametrize("segment", [1, 3])
+def test_segment_boundaries_carry_the_state_exactly(segment, monkeypatch):
+    """Long inputs go segment by segment; any segment size gives the recurrence's answer."""
+    monkeypatch.setattr(gdn, "SEGMENT", segment)
+    args, kw = _gdn(449, 2, with_state=True, seed=segment)
+    _assert_close(
+        kernels.chunk_gated_delta_rule(*args, **kw), naive_gated_delta_rule(*args, **kw, norm=gdn_l2norm)
+    )
+    args, kw = _kda(449, with_state=True, seed=segment)
+    _assert_close(
+        kernels.chunk_kimi_delta_attention(*args, **kw), naive_gated_delta_rule(*args, **kw, norm=kda_l2norm)
+    )
 
 
 @pytest.mark.parametrize("length", [65, 257])
