@@ -101,6 +101,11 @@ def test_errors_are_clear_and_write_nothing(capsys, tmp_path) -> None:
     code, out = run(capsys, "write", "kitchen", str(latin1))
     assert code == 1 and "latin1.txt:1: not UTF-8" in out["error"]["message"]
 
+    code, out = run(capsys, "write", "pantry", str(tmp_path / "missing.jsonl"))
+    assert code == 1 and out["error"]["code"] == "bad_input"
+    assert "missing.jsonl: cannot read (No such file or directory)" in out["error"]["message"]
+    assert "pantry" not in memories()
+
     code, out = run(capsys, "write", "../escape", str(good))
     assert code == 1 and out["error"]["code"] == "bad_name"
 

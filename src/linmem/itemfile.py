@@ -22,12 +22,7 @@ def read_items(path: str | Path, fmt: str | None = None, data: bytes | None = No
     (.jsonl and .ndjson are JSON Lines, anything else is text). `data` replaces reading `path`
     (used for standard input)."""
     path = Path(path)
-    raw = path.read_bytes() if data is None else data
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise BadInput(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    content = read_utf8(path, data)
     fmt = fmt or ("jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text")
     if fmt == "jsonl":
         items = _parse_jsonl(content, path)
@@ -38,6 +33,20 @@ def read_items(path: str | Path, fmt: str | None = None, data: bytes | None = No
     if not items:
         raise BadInput(f"{path}: no items found (the file is empty or blank)")
     return items
+
+
+def read_utf8(path: Path, data: bytes | None = None) -> str:
+    """The text of a file (or of `data`, read from it already); `BadInput` naming the file when it
+    cannot be read, or the line and byte where it stops being UTF-8."""
+    try:
+        raw = path.read_bytes() if data is None else data
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise BadInput(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
 
 
 def _paragraphs(content: str) -> list[str]:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import BadInput
+from ..itemfile import read_utf8
 from ..types import Item
 
 
@@ -60,15 +61,7 @@ def line_items(lines: dict[int, list[tuple[str, str]]], source: str, clip_second
 def read_captions(path: str | Path, source: str) -> list[Item]:
     """Caption items of one video from a captions JSON Lines file, in clip order."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        number = raw[: e.start].count(b"\n") + 1
-        raise BadInput(f"{path}:{number}: not UTF-8") from None
+    content = read_utf8(path)
     items = []
     for number, line in enumerate(content.splitlines(), start=1):
         if line.strip():
