@@ -19,9 +19,10 @@ Inputs, told apart by what they are:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from . import media
 from .captioners import Captioner, Transcriber, load_captioner, load_transcriber
 from .captions import caption_item, mmss, read_captions
 
+_Looked = tuple[list[bytes], str | None]  # a clip's JPEG frames and its transcript
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv")
 
 
@@ -115,9 +117,11 @@ def ingest(
     sampling.check()
     sources = plan(paths, sampling)
     done = _present(memory, sources, sampling)
-    todo = sum(1 for s in sources if s.kind != "captions" for c in s.clips if c.index not in done[s.source])
+    to_caption = sum(
+        1 for s in sources if s.kind != "captions" for c in s.clips if c.index not in done[s.source]
+    )
     if progress is not None:
-        progress(todo)
+        progress(to_caption)
     cap: Captioner | None = None
     ear = load_transcriber(transcriber) if isinstance(transcriber, str) else transcriber
     reports = []
@@ -131,28 +135,18 @@ def ingest(
             written = len({i.clip for i in fresh})
         else:
             pending = [c for c in src.clips if c.index not in present]
-            # ffmpeg (and the transcription request) for the next clip runs while the model
-            # captions this one; items are still written in clip order, one commit each.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="linmem-ffmpeg") as pool:
-                ahead = pool.submit(_look, src, pending[0], ear, sampling) if pending else None
-                for n, clip in enumerate(pending):
-                    assert ahead is not None
-                    looked = ahead.result()
-                    ahead = (
-                        pool.submit(_look, src, pending[n + 1], ear, sampling)
-                        if n + 1 < len(pending)
-                        else None
+            looks = _one_ahead(pending, partial(_look, src, transcriber=ear, sampling=sampling))
+            for clip, looked in looks:
+                if cap is None:
+                    cap = (
+                        load_captioner(captioner)
+                        if captioner is None or isinstance(captioner, str)
+                        else captioner
                     )
-                    if cap is None:
-                        cap = (
-                            load_captioner(captioner)
-                            if captioner is None or isinstance(captioner, str)
-                            else captioner
-                        )
-                    memory.write([_describe(src, clip, looked, cap, ear, sampling, max_new_tokens)])
-                    written += 1
-                    if progress is not None:
-                        progress(1)
+                memory.write([_describe(src, clip, looked, cap, ear, sampling, max_new_tokens)])
+                written += 1
+                if progress is not None:
+                    progress(1)
         total = len(src.indices)
         reports.append(SourceReport(src.source, str(src.path), src.kind, total, written, total - written))
     return reports
@@ -231,9 +225,21 @@ def _present(memory: Memory, sources: list[_Source], sampling: Sampling) -> dict
     return done
 
 
-def _look(
-    src: _Source, clip: _Clip, transcriber: Transcriber | None, sampling: Sampling
-) -> tuple[list[bytes], str | None]:
+def _one_ahead(clips: list[_Clip], look: Callable[[_Clip], _Looked]) -> Iterator[tuple[_Clip, _Looked]]:
+    """(clip, look(clip)) in order, with the next clip's `look` (ffmpeg, a transcription request)
+    running on a worker thread while the caller captions this one."""
+    if not clips:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="linmem-ffmpeg") as pool:
+        ahead = pool.submit(look, clips[0])
+        for clip, following in zip(clips, [*clips[1:], None], strict=True):
+            looked = ahead.result()
+            if following is not None:
+                ahead = pool.submit(look, following)
+            yield clip, looked
+
+
+def _look(src: _Source, clip: _Clip, transcriber: Transcriber | None, sampling: Sampling) -> _Looked:
     """A clip's frames, and its speech as text when there is a transcriber and a sound track."""
     frames = media.frames(
         clip.file, clip.span, fps=sampling.fps, max_frames=sampling.max_frames, max_side=sampling.max_side
@@ -251,7 +257,7 @@ def _where(src: _Source, clip: _Clip) -> str:
 
 
 def _describe(  # noqa: PLR0917 - private, called once
-    src: _Source, clip: _Clip, looked: tuple[list[bytes], str | None], captioner: Captioner,
+    src: _Source, clip: _Clip, looked: _Looked, captioner: Captioner,
     transcriber: Transcriber | None, sampling: Sampling, max_new_tokens: int,
 ) -> Item:  # fmt: skip
     frames, transcript = looked
