@@ -441,3 +441,14 @@ def test_cli_ingest_reports_one_json_object(videos: dict[str, Path], linmem_home
             "skipped": 0,
         }
     ]
+
+
+def test_a_captioner_that_cannot_load_says_how_to_get_one(tmp_path: Path) -> None:
+    from linmem.engines import tiny
+    from linmem.errors import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable, match="no config.json"):
+        load_captioner(f"hf:{tmp_path}")
+    text_only = tiny.save("qwen3.5", tmp_path / "text-only")  # a language model without a vision tower
+    with pytest.raises(ModelUnavailable, match=r"hf download .*--captioner openai:URL#MODEL"):
+        load_captioner(f"hf:{text_only}")

@@ -646,14 +646,32 @@ def load_tiny(name: str) -> HFEngine:
 
 
 def load_pretrained(target: str) -> HFEngine:
-    """Load `target` (a local directory or a hub repo id) with AutoModelForCausalLM.
+    """Load `target` (a local directory or a hub repo id) with AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_parts(
+        target,
+        AutoModelForCausalLM,
+        hint="point at a local copy with --model hf:/path/to/dir, or try the pipeline with a "
+        "random-weights model: --model tiny:qwen3.5",
+    )
+    where = Path(str(model.name_or_path or ""))
+    files = _weight_files(where) if where.is_dir() else []
+    fingerprint = _fingerprint(model.config, "hf", *files)
+    return HFEngine(model, tokenizer, id=f"hf:{target}", fingerprint=fingerprint)
+
+
+def load_parts(target: str, model_class: Any, *extra_classes: Any, hint: str) -> tuple[Any, ...]:
+    """(model, tokenizer, one object per extra Auto class) of `target`, a local directory or a hub
+    repo id; the model on linmem's device and dtype, in eval mode.
 
     Prefers local files; goes to the hub only when the model is not cached and the hub answers,
-    and otherwise says exactly how to get the model instead of retrying for a minute."""
+    and otherwise says exactly how to get the model (ending with `hint`) instead of retrying for
+    a minute."""
     device = _device()
     _guard_gpu_only_packages(device)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(target).expanduser()
     local = path.is_dir()
@@ -661,34 +679,32 @@ def load_pretrained(target: str) -> HFEngine:
     if local and not (path / "config.json").is_file():
         raise ModelUnavailable(f"{path} is a directory but has no config.json: not a transformers model")
     dtype = getattr(torch, os.environ.get("LINMEM_DTYPE") or ("float32" if device == "cpu" else "bfloat16"))
-    kwargs: dict[str, Any] = {"dtype": dtype}
+
+    def load(**where: Any) -> tuple[Any, ...]:
+        tokenizer = AutoTokenizer.from_pretrained(source, **where)
+        extras = tuple(c.from_pretrained(source, **where) for c in extra_classes)
+        return (model_class.from_pretrained(source, dtype=dtype, **where), tokenizer, *extras)
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
+        parts = load(local_files_only=True)
     except (OSError, ValueError) as first:
         if local or not _hub_reachable():
-            raise ModelUnavailable(_unavailable_message(target, first)) from None
+            raise ModelUnavailable(_unavailable_message(target, first, hint)) from None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            parts = load()
         except (OSError, ValueError) as second:
-            raise ModelUnavailable(_unavailable_message(target, second)) from None
-    model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to() oddly
-    model.eval()
-    where = Path(str(model.name_or_path or ""))
-    files = _weight_files(where) if where.is_dir() else []
-    fingerprint = _fingerprint(model.config, "hf", *files)
-    return HFEngine(model, tokenizer, id=f"hf:{target}", fingerprint=fingerprint)
+            raise ModelUnavailable(_unavailable_message(target, second, hint)) from None
+    parts[0].to(torch.device(device))
+    parts[0].eval()
+    return parts
 
 
-def _unavailable_message(target: str, error: Exception) -> str:
+def _unavailable_message(target: str, error: Exception, hint: str) -> str:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
         f"cannot load model {target!r} offline ({reason}). "
         f"Get it on a machine with internet access with `hf download {target}` (it lands in "
-        "~/.cache/huggingface; copy that folder here, or set HF_HOME), or point at a local copy "
-        "with --model hf:/path/to/dir, or try the pipeline with a random-weights model: "
-        "--model tiny:qwen3.5"
+        f"~/.cache/huggingface; copy that folder here, or set HF_HOME), or {hint}"
     )
 
 

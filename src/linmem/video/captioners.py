@@ -55,9 +55,11 @@ def load_captioner(spec: str | None = None) -> Captioner:
         return HFCaptioner.load(target)
     if scheme == "tiny" and target == "qwen3.5-vl":
         from ..engines import tiny
+        from ..engines.hf import _device, _guard_gpu_only_packages
 
+        _guard_gpu_only_packages(_device())
         model, tokenizer, images = tiny.build_vlm()
-        return HFCaptioner(model, tokenizer, images, id=spec)
+        return HFCaptioner(model.to(_device()), tokenizer, images, id=spec)
     raise UnknownSpec(
         f"unknown captioner {spec!r}: expected hf:REPO_OR_PATH, openai:URL#MODEL or tiny:qwen3.5-vl"
     )
@@ -115,29 +117,17 @@ class HFCaptioner:
 
     @classmethod
     def load(cls, target: str) -> HFCaptioner:
-        import torch
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-        from ..engines.hf import _device, _guard_gpu_only_packages
+        from ..engines.hf import load_parts
 
-        device = _device()
-        _guard_gpu_only_packages(device)
-        dtype = getattr(
-            torch, os.environ.get("LINMEM_DTYPE") or ("float32" if device == "cpu" else "bfloat16")
+        model, tokenizer, images = load_parts(
+            target,
+            AutoModelForImageTextToText,
+            AutoImageProcessor,
+            hint="point at a local copy with --captioner hf:/path/to/dir, or use an endpoint: "
+            "--captioner openai:URL#MODEL",
         )
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
-            images = AutoImageProcessor.from_pretrained(target, local_files_only=True)
-            model = AutoModelForImageTextToText.from_pretrained(target, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelUnavailable(
-                f"cannot load captioner {target!r} offline ({reason}); download it with "
-                f"`hf download {target}` on a connected machine, or use an endpoint: "
-                "--captioner openai:URL#MODEL"
-            ) from None
-        model.to(torch.device(device))  # type: ignore[arg-type]
-        model.eval()
         return cls(model, tokenizer, images, id=f"hf:{target}")
 
     def caption(self, frames: Sequence[bytes], prompt: str, *, max_new_tokens: int) -> str:
