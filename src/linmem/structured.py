@@ -32,6 +32,7 @@ import networkx as nx
 from . import prompts
 from .engines.base import Engine
 from .errors import BadInput, ContextOverflow, EngineError, LinmemError
+from .journal import Appender
 from .memory import Memory
 from .types import Item
 from .video.captions import line_items
@@ -607,14 +608,14 @@ class _Cache:
 
     Each line: ``{"source", "clip", "caption_sha256", "model", "attempt", "ok", "error",
     "reply", "episodic", "semantic", "equivalences"}`` (``reply``, a failed answer's first
-    characters, only on failures). Lines are appended, flushed and fsynced one by one; a torn last
-    line (a crash mid-write) is cut off when the file is opened.
+    characters, only on failures). Lines are appended, flushed and fsynced one by one (a
+    `linmem.journal.Appender`); a torn last line (a crash mid-write) is skipped and cut off.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: dict[_Key, Extraction] = {}
-        self._file: Any = None
+        self._journal: Appender | None = None
         if path.exists():
             self._read()
 
@@ -623,10 +624,7 @@ class _Cache:
             data = self.path.read_bytes()
         except OSError as e:
             raise BadInput(f"{self.path}: cannot read the extraction cache ({e.strerror or e})") from None
-        whole = data[: data.rfind(b"\n") + 1]
-        if len(whole) < len(data):
-            with self.path.open("r+b") as f:
-                f.truncate(len(whole))
+        whole = data[: data.rfind(b"\n") + 1]  # a torn last line is skipped (the journal cuts it off)
         for number, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), start=1):
             if line.strip():
                 try:
@@ -637,12 +635,12 @@ class _Cache:
                     self.done[key] = extraction
 
     def __enter__(self) -> _Cache:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._journal = Appender(self.path, fsync=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file.close()
+        if self._journal is not None:
+            self._journal.close()
 
     def get(self, key: _Key) -> Extraction | None:
         return self.done.get(key)
@@ -668,9 +666,8 @@ class _Cache:
         }
         if reply is not None:
             entry["reply"] = reply[:2000]
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        assert self._journal is not None, "record() inside `with cache:`"
+        self._journal.write(entry)
         if extraction is not None:
             self.done[key] = extraction
 

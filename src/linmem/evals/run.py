@@ -20,7 +20,6 @@ import json
 import re
 import shutil
 import sys
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, ContextOverflow, EmptyMemory, EngineError
+from ..journal import Appender
 from ..memory import Memory, open_memory
 from ..types import Item
 from .config import Config, SystemConfig, TaskConfig
@@ -77,7 +77,7 @@ def run_eval(
         for source, group in _by_source(todo).items():
             jobs.append((tc, task, source, group))
     total = sum(len(g) * len(config.systems) for *_, g in jobs)
-    writer = _Writer(results)
+    writer = Appender(results)
     bar = _bar(total, progress)
     evaluator = Evaluator(config, out / "home", done, writer, bar)
     workers = config.run.get("concurrency", 4) if _all_remote(config) else 1
@@ -85,6 +85,7 @@ def run_eval(
         for result in pool.map(lambda job: evaluator.run_group(*job), jobs):
             outcome.written += result[0]
             outcome.failed += result[1]
+    writer.close()
     if bar is not None:
         bar.close()
     from .report import write_report
@@ -164,36 +165,11 @@ def _all_remote(config: Config) -> bool:
     return all(spec is None or str(spec).startswith("openai:") for spec in specs)
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line that a crash left without its newline, so new records start on a fresh line."""
-    if not path.is_file():
-        return
-    with path.open("rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
-class _Writer:
-    """Appends records as JSON lines, one writer at a time, flushed after each line."""
-
-    def __init__(self, path: Path) -> None:
-        _drop_torn_tail(path)
-        self._file = path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False)
-        with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
-
-
 class Evaluator:
     """Runs the examples of one source for every system, on a memory that only grows."""
 
     def __init__(
-        self, config: Config, home: Path, done: set[tuple[str, str, str]], writer: _Writer, bar: Any
+        self, config: Config, home: Path, done: set[tuple[str, str, str]], writer: Appender, bar: Any
     ):
         self.config = config
         self.home = home
