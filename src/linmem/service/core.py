@@ -9,18 +9,20 @@ budget, least recently used out first, and are reloaded from disk when needed ag
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, LinmemError, NoSuchMemory
+from ..itemfile import item_from_dict
 from ..memory import Memory, check_name, default_home, delete_memory, memories, open_memory
 from ..state import set_ram_budget
 from ..types import Answer, Item
@@ -32,6 +34,10 @@ BATCH_MAX = 8
 
 class Conflict(LinmemError):
     code = "conflict"
+
+
+class TooLarge(LinmemError):
+    code = "too_large"
 
 
 class NoSuchItem(NoSuchMemory):
@@ -241,3 +247,32 @@ def check_exposure(host: str, token: str | None) -> None:
             f"refusing to serve on {host!r} without a token: set $LINMEM_API_KEY or pass --token-file, "
             "or listen on 127.0.0.1"
         )
+
+
+def check_items(raw: list[Any], *, max_item_bytes: int | None = None) -> list[Item]:
+    """Items from a request's JSON objects, every one checked before any is written; an error names
+    the first bad item by its index (and `TooLarge` one whose text is over `max_item_bytes`)."""
+    if not raw:
+        raise BadInput("items is empty: give at least one item")
+    items = []
+    for index, obj in enumerate(raw):
+        try:
+            item = item_from_dict(obj)
+            size = len(item.text.encode("utf-8"))
+        except BadInput as e:
+            raise BadInput(f"items[{index}]: {e}") from None
+        except UnicodeEncodeError:
+            raise BadInput(f"items[{index}]: item text is not valid Unicode (a lone surrogate)") from None
+        if max_item_bytes is not None and size > max_item_bytes:
+            raise TooLarge(f"items[{index}]: item text is {size} bytes, over the limit of {max_item_bytes}")
+        items.append(item)
+    return items
+
+
+AUTH_REQUIRED = "a valid 'Authorization: Bearer <token>' header is required"
+
+
+def bearer_ok(headers: Mapping[bytes, bytes], token: bytes) -> bool:
+    """Whether ASGI request headers carry `Authorization: Bearer <token>` (compared in constant time)."""
+    scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)

@@ -9,7 +9,6 @@ runs reads concurrently and batches questions that arrive together.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -23,9 +22,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import BadInput, LinmemError
-from ..itemfile import item_from_dict
-from ..types import Item
-from .core import DEFAULT_RAM_BUDGET, NoSuchItem, Service, check_exposure, load_token
+from .core import (
+    AUTH_REQUIRED,
+    DEFAULT_RAM_BUDGET,
+    NoSuchItem,
+    Service,
+    bearer_ok,
+    check_exposure,
+    check_items,
+    load_token,
+)
 
 MAX_REQUEST_BYTES = 8 * 2**20
 MAX_ITEM_BYTES = 64 * 2**10
@@ -50,10 +56,6 @@ STATUS = {
 }
 LM_OPTIONS = ("model", "stateless", "max_new_tokens", "context_length", "overflow")
 EMBEDDING_OPTIONS = ("embedder", "top_k", "threshold")
-
-
-class TooLarge(LinmemError):
-    code = "too_large"
 
 
 class ErrorDetail(BaseModel):
@@ -191,7 +193,7 @@ def _item_routes(app: FastAPI, service: Service, max_item_bytes: int) -> None:
     @app.post("/v1/memories/{name}/items", tags=["items"])
     def write_items(name: str, body: WriteRequest) -> dict[str, Any]:
         """Append the items atomically: one bad item and nothing is written."""
-        written = service.write(name, _items(body.items, max_item_bytes))
+        written = service.write(name, check_items(body.items, max_item_bytes=max_item_bytes))
         return {"ids": [i.id for i in written]}
 
     @app.get("/v1/memories/{name}/items", tags=["items"])
@@ -227,23 +229,6 @@ def _read_routes(app: FastAPI, service: Service) -> None:
     def agent(name: str, body: AgentRequest) -> dict[str, Any]:
         return service.agent(name, body.question, controller=body.controller, policy=body.policy,
                              rounds=body.rounds, backend=body.backend, **body.options())  # fmt: skip
-
-
-def _items(raw: list[Any], max_item_bytes: int) -> list[Item]:
-    """Every item checked before any is written; an error names the item's index and field."""
-    items = []
-    for index, obj in enumerate(raw):
-        try:
-            item = item_from_dict(obj)
-            size = len(item.text.encode("utf-8"))
-        except BadInput as e:
-            raise BadInput(f"items[{index}]: {e}") from None
-        except UnicodeEncodeError:
-            raise BadInput(f"items[{index}]: item text is not valid Unicode (a lone surrogate)") from None
-        if size > max_item_bytes:
-            raise TooLarge(f"items[{index}]: item text is {size} bytes, over the limit of {max_item_bytes}")
-        items.append(item)
-    return items
 
 
 def error_response(code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -317,11 +302,8 @@ class _Guard:
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         headers = dict(scope["headers"])
-        if self.token is not None and scope["path"] != "/health":
-            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
-                message = "a valid 'Authorization: Bearer <token>' header is required"
-                return error_response("unauthorized", message, {"WWW-Authenticate": "Bearer"})
+        if self.token is not None and scope["path"] != "/health" and not bearer_ok(headers, self.token):
+            return error_response("unauthorized", AUTH_REQUIRED, {"WWW-Authenticate": "Bearer"})
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_bytes:
             return self._too_large(int(length))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hmac
 import os
 import sys
 from collections.abc import Callable
@@ -30,10 +29,9 @@ from typing_extensions import TypedDict
 
 from .. import __version__
 from ..errors import BadInput, LinmemError, UnknownSpec
-from ..itemfile import item_from_dict
 from ..readers import BACKENDS
 from ..types import Answer, Item
-from .core import Conflict, Service, check_exposure, load_token
+from .core import AUTH_REQUIRED, Conflict, Service, bearer_ok, check_exposure, check_items, load_token
 
 ENV_BACKEND = "LINMEM_MCP_BACKEND"
 ENV_MODEL = "LINMEM_MCP_MODEL"
@@ -224,7 +222,7 @@ def build_server(
         return backend, {"model" if backend == "lm" else "embedder": model}
 
     def memory_write(memory: MemoryArg, items: ItemsArg, create: CreateArg = True) -> WriteOut:
-        batch = _items(items)
+        batch = check_items(items)
         if create:
             _ensure(service, memory)
         written = service.write(memory, batch)
@@ -263,19 +261,6 @@ def build_server(
     ):
         server.add_tool(_tool_errors(fn), name=fn.__name__, description=description, annotations=hints)
     return server
-
-
-def _items(raw: list[Any]) -> list[Item]:
-    """Check every item before anything is written, naming the first bad one."""
-    if not raw:
-        raise BadInput("items is empty: give at least one item")
-    items = []
-    for n, obj in enumerate(raw):
-        try:
-            items.append(item_from_dict(obj))
-        except BadInput as e:
-            raise BadInput(f"items[{n}]: {e}") from None
-    return items
 
 
 def _ensure(service: Service, name: str) -> None:
@@ -353,18 +338,14 @@ class BearerAuth:
         self._token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan" or (scope["type"] == "http" and self._authorized(scope)):
+        if scope["type"] == "lifespan" or (
+            scope["type"] == "http" and bearer_ok(dict(scope["headers"]), self._token)
+        ):
             await self.app(scope, receive, send)
         elif scope["type"] == "http":
-            message = "a valid 'Authorization: Bearer <token>' header is required"
-            body = {"error": {"code": "unauthorized", "message": message}}
+            body = {"error": {"code": "unauthorized", "message": AUTH_REQUIRED}}
             response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, value = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token)
 
 
 __all__ = ["CLIENT_CONFIG", "BearerAuth", "build_server", "http_app", "run"]
