@@ -154,19 +154,26 @@ def build(name: str, seed: int = SEED) -> tuple[Any, Any]:
         raise UnknownSpec(f"unknown tiny model {name!r}: expected one of {', '.join(sorted(CONFIGS))}")
     tok = build_tokenizer()
     config = CONFIGS[name](tok)
+    return _seeded(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok, seed), tok
+
+
+def _seeded(make: Callable[[], Any], tok: Any, seed: int) -> Any:
+    """`make()` with the global RNG seeded (and left as it was), in eval mode, stopping at the
+    tokenizer's end token: the same weights in every process."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = make()
     model.eval()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return model
 
 
 def build_vlm(seed: int = SEED) -> tuple[Any, Any, Any]:
     """(model, tokenizer, image processor) of a tiny Qwen3.5 with a vision tower: the same text
     stack as `tiny:qwen3.5` plus a 2-layer ViT, for the captioning path."""
-    import torch
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -192,12 +199,7 @@ def build_vlm(seed: int = SEED) -> tuple[Any, Any, Any]:
         vision_start_token_id=ids["vision_start"],
         vision_end_token_id=ids["vision_end"],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3_5ForConditionalGeneration(config).float()
-    model.eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model = _seeded(lambda: Qwen3_5ForConditionalGeneration(config).float(), tok, seed)
     # Small images: a 448-pixel frame becomes a few dozen tokens, not a thousand.
     images = Qwen2VLImageProcessorPil(
         patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=128 * 128
