@@ -76,7 +76,9 @@ class OpenAIServer:
     context_length: int | None = None
     tokenize: bool = True  # False: no /tokenize route, like OpenAI itself
     delay_s: float = 0.0  # chat answers wait this long, to exercise client timeouts
+    models_delay_s: float = 0.0  # /v1/models answers wait this long (a server slow to list models)
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    gets: list[str] = field(default_factory=list)  # paths of GET requests, in order
     headers: list[dict[str, str]] = field(default_factory=list)  # lower-cased, one per request
     url: str = ""
 
@@ -100,7 +102,9 @@ class OpenAIServer:
                     pass
 
             def do_GET(self) -> None:
+                server.gets.append(self.path)
                 if self.path.rstrip("/") == "/v1/models":
+                    time.sleep(server.models_delay_s)
                     entry: dict[str, Any] = {"id": server.model, "object": "model"}
                     if server.context_length is not None:
                         entry["max_model_len"] = server.context_length

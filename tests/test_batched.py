@@ -11,6 +11,7 @@ import copy
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,8 @@ def assert_same_decoding(ref: list, ref_tokens: list[int], got: list, got_tokens
 def stem_state(reader: LMReader) -> tuple[Any, Any]:
     """The reader's snapshot, and its state after the instruction of a read."""
     prompt = prompts.read_prompt([], "")
-    assert reader._store is not None
-    snap, _ = reader._store.get()
+    assert reader.store is not None
+    snap, _ = reader.store.get(reader.memory.log)
     base, _ = reader._after_stem(snap, prompt.stem, reader.engine.stem_ids(prompt))
     return snap, base
 
@@ -169,9 +170,14 @@ def assert_same_answers(many: list, single: list) -> None:
 def test_read_many_equals_reads_one_by_one(spec: str) -> None:
     rng = random.Random()
     mem = random_memory(rng, rng.randint(7, 25))
+    # Readers of one memory share its snapshot store; the one-by-one reference reads a twin
+    # memory of the same items, so that each pays for its own snapshot and instructions.
+    twin = open_memory("twin", create=True)
+    twin.write([replace(i, id=None) for i in mem.items()])
     queries = random_queries(rng, 6)
     batched = LMReader(mem, model=spec, max_new_tokens=10, persist=False)
-    alone = LMReader(mem, model=spec, max_new_tokens=10, persist=False)
+    alone = LMReader(twin, model=spec, max_new_tokens=10, persist=False)
+    assert batched.store is not alone.store
     many = batched.read_many(queries)
     assert_same_answers(many, [alone.read(q) for q in queries])
     # The first answer carries the snapshot and the instruction; the others only their question.
@@ -203,6 +209,8 @@ def test_byte_budget_splits_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hf, "BATCH_BYTES", hf.BATCH_BYTES * 2 / unsplit)
     assert batched.engine.batch_size(base, 64) == 2
     batched = LMReader(mem, model="tiny:qwen3.5", max_new_tokens=6, persist=False)
+    assert batched.store is not None
+    batched.store.drop()
     assert_same_answers(batched.read_many(queries), single)
 
 

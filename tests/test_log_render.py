@@ -17,7 +17,7 @@ from linmem.types import Item
 
 
 def test_append_assigns_ids_and_bumps_version(tmp_path) -> None:
-    log = Log(tmp_path / "log.sqlite")
+    log = Log(tmp_path / "log.sqlite", create=True)
     assert log.state().count == 0
     a = log.append([Item("one", clip=0), Item("two", clip=0, meta={"who": "Alice"})])
     b = log.append([Item("three", clip=1, time="00:30-01:00", source="v1")])
@@ -29,7 +29,7 @@ def test_append_assigns_ids_and_bumps_version(tmp_path) -> None:
 
 
 def test_delete_starts_new_epoch_and_ids_are_never_reused(tmp_path) -> None:
-    log = Log(tmp_path / "log.sqlite")
+    log = Log(tmp_path / "log.sqlite", create=True)
     log.append([Item(str(i)) for i in range(5)])
     assert log.delete([5, 2, 99]) == 2
     s = log.state()
@@ -40,7 +40,7 @@ def test_delete_starts_new_epoch_and_ids_are_never_reused(tmp_path) -> None:
 
 
 def test_append_is_all_or_nothing(tmp_path) -> None:
-    log = Log(tmp_path / "log.sqlite")
+    log = Log(tmp_path / "log.sqlite", create=True)
     with pytest.raises(BadInput, match="clip must be an integer"):
         log.append([Item("fine"), Item("bad", clip="7")])  # type: ignore[arg-type]
     assert log.state().count == 0
@@ -52,7 +52,7 @@ def test_log_survives_process_restart(tmp_path) -> None:
         f"""
         from linmem.log import Log
         from linmem.types import Item
-        Log({str(path)!r}).append([Item("written by another process", clip=4, time="02:00")])
+        Log({str(path)!r}, create=True).append([Item("written by another process", clip=4, time="02:00")])
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True)

@@ -41,9 +41,32 @@ def memory_with(rng: random.Random, n: int, name: str = "m"):
     return mem
 
 
-def store_for(engine, mem) -> SnapshotStore:
-    head, _ = engine.split(prompts.read_prompt([], ""))
-    return SnapshotStore(engine, mem.log, mem.cache_dir / "state", head)
+class Store:
+    """A private snapshot store bound to one memory's log, as another process would have it."""
+
+    def __init__(self, engine, mem) -> None:
+        head, _ = engine.split(prompts.read_prompt([], ""))
+        self.inner = SnapshotStore(engine, mem.cache_dir / "state", head)
+        self.mem = mem
+
+    def get(self, budget=None):
+        return self.inner.get(self.mem.log, budget)
+
+    @property
+    def path(self):
+        return self.inner.path
+
+    @path.setter
+    def path(self, value) -> None:
+        self.inner.path = value
+
+    @property
+    def _snap(self):
+        return self.inner.current()
+
+
+def store_for(engine, mem) -> Store:
+    return Store(engine, mem)
 
 
 def query_tokens(question: str, spec: str = "tiny:qwen3.5") -> int:
@@ -113,12 +136,12 @@ def test_read_never_modifies_snapshot(spec: str) -> None:
     mem = memory_with(random.Random(), 21)
     reader = mem.reader("lm", model=spec, max_new_tokens=8)
     reader.read("first question")
-    snap = reader._store._snap
+    snap = reader.store.current()
     before = state_tensors(engine, snap.cache)
     reader.read("a second, longer question about the red mug in the kitchen")
     reader.rank("plants", 3)
-    after = state_tensors(engine, reader._store._snap.cache)
-    assert reader._store._snap is snap
+    after = state_tensors(engine, reader.store.current().cache)
+    assert reader.store.current() is snap
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -221,7 +244,7 @@ def test_appends_write_only_new_rows_to_disk() -> None:
     chunks = sorted(store.path.glob("kv-*.safetensors"), key=lambda p: int(p.name.split("-")[1]))
     assert len(chunks) == 4 and chunks[0] == kv0 and kv0.stat().st_mtime_ns == stamp
     # The last file holds only the last write's rows; the chunks tile [0, tokens) exactly.
-    bounds = [tuple(int(x) for x in p.stem.split("-")[1:]) for p in chunks]
+    bounds = [tuple(int(x) for x in p.stem.split("-")[1:3]) for p in chunks]
     assert bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
     assert bounds[-1][1] == store._snap.tokens
     # What another process loads from those files reads exactly like the live snapshot.
@@ -246,7 +269,7 @@ def test_many_appends_merge_chunks(monkeypatch) -> None:
         mem.write(random_items(rng, 2, first_clip=9))
         store.get()
         assert len(list(store.path.glob("kv-*"))) <= 3
-    assert len(list(store.path.iterdir())) <= 5  # header, fixed, chunks: old files are cleaned up
+    assert len(list(store.path.iterdir())) <= 6  # header, lock, fixed, chunks: old files are cleaned up
     loaded, update = store_for(engine, mem).get()
     assert update.reason == "loaded from disk" and loaded.tokens == store._snap.tokens
 
@@ -258,7 +281,7 @@ def test_stale_snapshot_is_rebuilt() -> None:
     # Deleting an item changes the log's epoch: the snapshot's prefix no longer exists.
     mem.forget([mem.items()[3].id])
     snap, update = store_for(engine, mem).get()
-    assert update.reason == "the log lost items since the snapshot"
+    assert update.reason == "the log no longer holds the items the snapshot read"
     assert snap.items == 11
     # A snapshot made by another model is never applied, even at the same path.
     other = load_engine("tiny:kimi-linear")

@@ -7,6 +7,8 @@ says when it was taken: frames can be checked to come from their clip's span.
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import io
 import json
 import os
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 import wave
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,12 +30,11 @@ from linmem import cli
 from linmem.errors import BadInput, EngineError
 from linmem.memory import open_memory
 from linmem.video import Sampling, ingest, load_captioner, media
+from linmem.video.captions import caption_item
 from linmem.video.media import MissingTool
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("ffmpeg") is None and not os.environ.get("LINMEM_REQUIRE_FFMPEG"),
-    reason="ffmpeg is not installed (CI installs it and sets LINMEM_REQUIRE_FFMPEG)",
-)
+# Only the tests that use the videos need ffmpeg: captions files go in without it.
+NO_FFMPEG = shutil.which("ffmpeg") is None and not os.environ.get("LINMEM_REQUIRE_FFMPEG")
 
 DURATION = 95
 
@@ -47,6 +49,8 @@ def _make(path: Path, *inputs: str, extra: tuple[str, ...] = ()) -> Path:
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if NO_FFMPEG:
+        pytest.skip("ffmpeg is not installed (CI installs it and sets LINMEM_REQUIRE_FFMPEG)")
     root = tmp_path_factory.mktemp("videos")
     ramp = f"nullsrc=s=64x48:r=5:d={DURATION},geq=lum='2*T':cb=128:cr=128"
     tone = f"sine=frequency=440:sample_rate=44100:duration={DURATION}"
@@ -318,6 +322,25 @@ def test_recutting_a_source_at_another_length_is_refused(videos: dict[str, Path]
     assert len(memory.items()) == 2
 
 
+def test_two_videos_of_one_name_are_two_sources_and_each_resumes(
+    videos: dict[str, Path], linmem_home: Path, tmp_path: Path
+) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    first = shutil.copy(videos["silent"], tmp_path / "a" / "cam.mp4")
+    second = shutil.copy(videos["ramp"], tmp_path / "b" / "cam.mp4")
+    calls: list[dict[str, object]] = []
+    with _captioning_server(calls) as server:
+        memory = open_memory("cams", home=linmem_home, create=True)
+        spec, sampling = f"openai:{server.url}#vlm", Sampling(fps=0.1, max_frames=1)
+        (a,) = ingest(memory, [first], captioner=spec, sampling=sampling)
+        (b,) = ingest(memory, [second], captioner=spec, sampling=sampling)
+        again = ingest(memory, [first, second], captioner=spec, sampling=sampling)
+    assert [(r.source, r.written) for r in (a, b)] == [("cam", 2), (f"cam-{_key(second)[7:15]}", 4)]
+    assert [(r.written, r.skipped) for r in again] == [(0, 2), (0, 4)] and len(calls) == 6
+    assert [i.meta["source_key"] for i in memory.items()] == [_key(first)] * 2 + [_key(second)] * 4
+
+
 # Other inputs
 
 
@@ -351,6 +374,117 @@ def test_a_captions_file_needs_no_model_and_goes_in_once(tmp_path: Path, linmem_
         (0, "00:00-00:30", "A woman opens the fridge."),
         (1, "00:30-01:00", 'She pours milk. Speech: "Want some?"'),
     ]
+
+
+def _captions(path: Path, captions: list[str]) -> Path:
+    """A captions file of 30 s clips 0, 1, ... with these captions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [{"clip": i, "start": 30 * i, "end": 30 * i + 30, "caption": c} for i, c in enumerate(captions)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _key(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_captions_files_of_one_name_are_two_sources(tmp_path: Path, linmem_home: Path) -> None:
+    day1 = _captions(tmp_path / "day1" / "cam.jsonl", ["Monday: the door opens.", "Monday: rain."])
+    day2 = _captions(tmp_path / "day2" / "cam.jsonl", ["Tuesday: a cat.", "Tuesday: sun.", "Tuesday: dusk."])
+    memory = open_memory("days", home=linmem_home, create=True)
+    (first,) = ingest(memory, [day1])
+    (second,) = ingest(memory, [day2])
+    assert (first.source, first.written) == ("cam", 2)
+    # Another file under a name the memory already holds: named apart, so sources do not merge.
+    assert (second.source, second.written) == (f"cam-{_key(day2)[7:15]}", 3)
+    again = ingest(memory, [day2, day1])  # the same files again, in one run: both resume
+    assert [(r.source, r.written, r.skipped) for r in again] == [(second.source, 0, 3), ("cam", 0, 2)]
+    items = memory.items()
+    assert [(i.source, i.clip, i.text) for i in items] == [
+        ("cam", 0, "Monday: the door opens."),
+        ("cam", 1, "Monday: rain."),
+        (second.source, 0, "Tuesday: a cat."),
+        (second.source, 1, "Tuesday: sun."),
+        (second.source, 2, "Tuesday: dusk."),
+    ]
+    assert [i.meta["source_key"] for i in items] == [_key(day1)] * 2 + [_key(day2)] * 3
+
+
+def test_one_run_of_two_files_of_one_name_ingests_both(tmp_path: Path, linmem_home: Path) -> None:
+    a = _captions(tmp_path / "a" / "cam.jsonl", ["A."])
+    b = _captions(tmp_path / "b" / "cam.jsonl", ["B."])
+    memory = open_memory("both", home=linmem_home, create=True)
+    reports = ingest(memory, [a, b])
+    assert [(r.source, r.written) for r in reports] == [("cam", 1), (f"cam-{_key(b)[7:15]}", 1)]
+    copy = shutil.copy(a, tmp_path / "copy.jsonl")
+    with pytest.raises(BadInput, match=r"copy\.jsonl and .*a/cam\.jsonl have the same content"):
+        ingest(memory, [a, copy])
+    assert len(memory.items()) == 2
+
+
+def test_items_ingested_before_source_keys_still_count_as_done(tmp_path: Path, linmem_home: Path) -> None:
+    memory = open_memory("old", home=linmem_home, create=True)
+    kitchen = _captions(tmp_path / "kitchen.jsonl", ["Fridge opens.", "Milk poured.", "Door shuts."])
+    # What an earlier linmem wrote: the file's name, no key.
+    memory.write(
+        [
+            caption_item(
+                i, text, source="kitchen", start=30 * i, end=30 * i + 30, meta={"ingest": "captions"}
+            )
+            for i, text in enumerate(["Fridge opens.", "Milk poured."])
+        ]
+    )
+    (report,) = ingest(memory, [kitchen])
+    assert (report.source, report.written, report.skipped) == ("kitchen", 1, 2)
+    (report,) = ingest(memory, [kitchen])
+    assert (report.written, report.skipped) == (0, 3)
+    # The name now belongs to that file: another kitchen.jsonl is another source.
+    other = _captions(tmp_path / "other" / "kitchen.jsonl", ["A different kitchen."])
+    (report,) = ingest(memory, [other])
+    assert (report.source, report.written) == (f"kitchen-{_key(other)[7:15]}", 1)
+    assert [(i.source, i.clip) for i in memory.items()] == [
+        ("kitchen", 0), ("kitchen", 1), ("kitchen", 2), (report.source, 0),
+    ]  # fmt: skip
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_concurrent_cli_ingests_of_one_file_write_each_clip_once(tmp_path: Path, linmem_home: Path) -> None:
+    fcntl = pytest.importorskip("fcntl")  # the ingest lock is a POSIX flock
+    clips = 3000
+    captions = _captions(tmp_path / "cam.jsonl", [f"Clip {i}: someone walks by." for i in range(clips)])
+    memory = open_memory("shared", home=linmem_home, create=True)
+    cmd = [sys.executable, "-m", "linmem", "ingest", str(captions), "--memory", "shared",
+           "--home", str(linmem_home), "--json"]  # fmt: skip
+    errs = [tmp_path / f"err{n}.txt" for n in range(3)]
+    with contextlib.ExitStack() as stack:
+        # While this test holds the memory's ingest lock the three wait; letting go starts them at once.
+        lock = stack.enter_context((memory.path / "ingest.lock").open("w"))
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        procs = [
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stack.enter_context(err.open("w")))
+            for err in errs
+        ]
+        try:
+            _wait_until(
+                lambda: (
+                    all("waiting" in e.read_text() for e in errs) or any(p.poll() is not None for p in procs)
+                )
+            )
+            written_while_held = len(memory.items())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert sorted(i.clip for i in memory.items()) == list(range(clips))  # each clip once
+    assert written_while_held == 0
+    assert sorted(o["sources"][0]["written"] for o in outs) == [0, 0, clips]
+    for err in errs:
+        assert "another ingest into memory 'shared' is running; waiting" in err.read_text()
 
 
 # Bad input: clear errors, nothing written

@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ._registry import Registry
 from .errors import EngineError, ModelUnavailable, UnknownSpec
 
 log = logging.getLogger(__name__)
@@ -313,17 +314,13 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-_loaded: dict[str, Embedder] = {}
-_loading = threading.Lock()
+_loaded: Registry[str, Embedder] = Registry()
 
 
 def load_embedder(spec: str | None = None) -> Embedder:
     """The embedder named by `spec` (see the module docstring), loaded once per process."""
     key = canonical_spec(spec)
-    with _loading:
-        if key not in _loaded:
-            _loaded[key] = MemoEmbedder(_build(key))
-        return _loaded[key]
+    return _loaded.get(key, lambda: MemoEmbedder(_build(key)))
 
 
 def canonical_spec(spec: str | None) -> str:
@@ -342,11 +339,16 @@ def canonical_spec(spec: str | None) -> str:
 class MemoEmbedder:
     """An embedder that remembers the vectors of texts it has embedded (by sha256 of the text,
     least recently used first out), so a text shared by many memories is embedded once per
-    process: evaluations that assemble thousands of memories from the same clips rely on it."""
+    process: evaluations that assemble thousands of memories from the same clips rely on it.
 
-    def __init__(self, inner: Embedder, capacity: int = 200_000) -> None:
+    It holds at most `capacity` vectors and at most `max_bytes` of them, so a wide embedder
+    cannot make it grow past its byte budget (200,000 MiniLM vectors are 293 MiB)."""
+
+    def __init__(self, inner: Embedder, capacity: int = 200_000, max_bytes: int = 320 * 2**20) -> None:
         self.inner = inner
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._held_bytes = 0
         self._vectors: OrderedDict[bytes, tuple[np.ndarray, int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -375,10 +377,15 @@ class MemoEmbedder:
             found |= {k: (v, n) for k, v, n in zip(missing, vectors, counts, strict=True)}
         with self._lock:
             for k in keys:  # most recently used last; what this call needs is never evicted by it
+                if k not in self._vectors:
+                    self._held_bytes += found[k][0].nbytes
                 self._vectors[k] = found[k]
                 self._vectors.move_to_end(k)
-            while len(self._vectors) > self.capacity:
-                self._vectors.popitem(last=False)
+            while len(self._vectors) > max(len(keys), 1) and (
+                len(self._vectors) > self.capacity or self._held_bytes > self.max_bytes
+            ):
+                _, (vector, _) = self._vectors.popitem(last=False)
+                self._held_bytes -= vector.nbytes
         return [found[k] for k in keys]
 
 

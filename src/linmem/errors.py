@@ -23,6 +23,24 @@ class BadInput(LinmemError):
     code = "bad_input"
 
 
+class CorruptMemory(LinmemError):
+    """A memory's log file is damaged or not a linmem log; the message names the file."""
+
+    code = "corrupt_memory"
+
+
+class DiskFull(LinmemError):
+    """A write failed for lack of disk space; nothing of it was kept."""
+
+    code = "disk_full"
+
+
+class NotAllowed(LinmemError):
+    """A request named a model or embedder the service was not configured to use."""
+
+    code = "not_allowed"
+
+
 class EmptyMemory(LinmemError):
     code = "empty_memory"
 

@@ -11,17 +11,18 @@ Specs:
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+from .._registry import Registry
 from ..errors import UnknownSpec
 from .base import Engine, Generation, Prompt
 
 DEFAULT_MODEL = "hf:Qwen/Qwen3.5-0.8B"
 SCHEMES = ("hf", "openai", "tiny")
 
-_loaded: dict[str, Any] = {}
-_lock = threading.Lock()
+# Loaded once per spec; a slow load (a download, an endpoint slow to list its models) never holds
+# up another spec's lookup.
+_loaded: Registry[str, Any] = Registry()
 
 
 def load_engine(spec: str | None = None) -> Any:
@@ -33,10 +34,7 @@ def load_engine(spec: str | None = None) -> Any:
             f"unknown model spec {spec!r}: expected hf:REPO_OR_PATH, openai:URL#MODEL or "
             "tiny:NAME (e.g. hf:Qwen/Qwen3.5-0.8B, openai:http://127.0.0.1:8000/v1#my-model, tiny:qwen3.5)"
         )
-    with _lock:
-        if spec not in _loaded:
-            _loaded[spec] = _load(scheme, target)
-        return _loaded[spec]
+    return _loaded.get(spec, lambda: _load(scheme, target))
 
 
 def _load(scheme: str, target: str) -> Any:

@@ -582,16 +582,31 @@ def _encode(value: Any, key: str, tensors: dict[str, Any], torch: Any) -> Any:
     raise TypeError(f"cannot serialise cache attribute {key} of type {type(value).__name__}")
 
 
-def _decode(value: dict[str, Any], tensors: dict[str, Any], torch: Any, device: Any) -> Any:
-    if "tensor" in value:
-        return tensors[value["tensor"]].to(device)
-    if "dtype" in value:
-        return getattr(torch, value["dtype"])
-    if "device" in value:
+# The dtypes a cache attribute may name: a saved name reaches `getattr(torch, ...)` only from here.
+_DTYPES = frozenset(
+    {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
+)
+
+
+def _decode(value: Any, tensors: dict[str, Any], torch: Any, device: Any) -> Any:
+    """One saved cache attribute; anything but the forms `_encode` writes is a ValueError."""
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError(f"bad cache attribute {str(value)[:80]}")
+    ((kind, payload),) = value.items()
+    if kind == "tensor" and isinstance(payload, str) and payload in tensors:
+        return tensors[payload].to(device)
+    if kind == "dtype" and payload in _DTYPES:
+        return getattr(torch, payload)
+    if kind == "device" and payload is True:
         return device
-    if "dict" in value:
-        return {k: _decode(v, tensors, torch, device) for k, v in value["dict"]}
-    return value["value"]
+    if kind == "dict" and isinstance(payload, list):
+        pairs = [p for p in payload if isinstance(p, list) and len(p) == 2 and isinstance(p[0], int | str)]
+        if len(pairs) != len(payload):
+            raise ValueError(f"bad cache attribute {str(value)[:80]}")
+        return {k: _decode(v, tensors, torch, device) for k, v in pairs}
+    if kind == "value" and (payload is None or isinstance(payload, bool | int | float | str)):
+        return payload
+    raise ValueError(f"bad cache attribute {str(value)[:80]}")
 
 
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -655,9 +670,11 @@ def load_pretrained(target: str) -> HFEngine:
         hint="point at a local copy with --model hf:/path/to/dir, or try the pipeline with a "
         "random-weights model: --model tiny:qwen3.5",
     )
-    where = Path(str(model.name_or_path or ""))
-    files = _weight_files(where) if where.is_dir() else []
-    fingerprint = _fingerprint(model.config, "hf", *files)
+    where = _model_folder(target, model)
+    files = _weight_files(where) if where is not None else []
+    # A hub snapshot folder is named by its commit: part of the identity (a local folder's name is not).
+    revision = where.name if where is not None and where.parent.name == "snapshots" else ""
+    fingerprint = _fingerprint(model.config, "hf", revision, *files)
     return HFEngine(model, tokenizer, id=f"hf:{target}", fingerprint=fingerprint)
 
 
@@ -720,6 +737,21 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def _model_folder(target: str, model: Any) -> Path | None:
+    """The folder the weights were read from: a local directory as given, or for a hub id the
+    cache's snapshot folder that `refs/main` resolved to, named by its commit. Its files then
+    fingerprint the weights, so a new revision of a hub model rebuilds its snapshots."""
+    where = Path(str(model.name_or_path or ""))
+    if where.is_dir():
+        return where
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(target, local_files_only=True))
+    except Exception:  # not in the cache under that id: there are no weight files to hash
+        return None
 
 
 def _weight_files(directory: Path) -> list[str]:

@@ -3,10 +3,17 @@
 The released graphs are pickles of ``mmagent.videograph.VideoGraph`` (some web graphs name the
 module ``videograph``). Importing ``mmagent`` pulls in GPU face and voice models, and unpickling
 runs whatever a pickle names, so `load_graph` uses a restricted unpickler instead: the graph
-classes map to the inert local `Graph` and `Node`, a few data-only builtins are allowed, numpy
-array and scalar reconstruction (embedding vectors, never needed for text) yields an inert
-`Dropped` placeholder without running numpy, and anything else is refused with `BadInput`.
-No foreign module is imported and no foreign code runs.
+classes map to inert stand-ins, a few data-only builtins are allowed, numpy array and scalar
+reconstruction (embedding vectors, never needed for text) yields an inert `Dropped` placeholder
+without running numpy, and anything else is refused with `BadInput`. No foreign module is
+imported and no foreign code runs.
+
+Nothing a pickle can name outlives its load or can be changed by it: the stand-in classes are
+made afresh for each load and refuse attributes set on them (a pickle's BUILD opcode applied to a
+class object would otherwise set class attributes for the rest of the process), the functions are
+wrapped so that nothing can be set on them, and the builtin types are immutable. What the pickle
+built is then checked to be plain data, and its stand-in objects become linmem's `Graph` and
+`Node`, which are never handed to a pickle.
 
 `graph_clip_lines` is M3-Agent's text translation: face and voice tags that "Equivalence:"
 lines tie together become one ``<character_k>``, the equivalence lines themselves are dropped,
@@ -20,6 +27,7 @@ import pickle
 import re
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -67,15 +75,56 @@ class Dropped:
         pass
 
 
+class _Frozen(type):
+    """Metaclass of the stand-in graph classes. A pickle may instantiate them and fill the
+    instances, but state applied to the class itself (BUILD on a class object, which would
+    otherwise `setattr` on it) and attribute assignment are refused."""
+
+    def __setstate__(cls, state: Any) -> None:
+        raise BadInput(
+            f"refused to set state on class {cls.__qualname__}: a graph pickle may only fill instances"
+        )
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise BadInput(
+            f"refused to set {name!r} on class {cls.__qualname__}: a graph pickle may only fill instances"
+        )
+
+    def __delattr__(cls, name: str) -> None:
+        raise BadInput(f"refused to delete {name!r} from class {cls.__qualname__}")
+
+
+class _Callable:
+    """A function a pickle may name. A plain function has a writable ``__dict__`` and
+    ``__defaults__`` that BUILD could change for every later load; this wrapper has no attribute
+    dictionary and refuses state."""
+
+    __slots__ = ("_call", "_name")
+
+    def __init__(self, name: str, call: Callable[..., Any]) -> None:
+        self._name = name
+        self._call = call
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __call__(self, *args: Any) -> Any:
+        return self._call(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise BadInput(f"refused to set state on {self._name}: a graph pickle may only fill instances")
+
+
 def _dropped(*args: Any) -> Dropped:
     return Dropped()
 
 
-def _nested_class(owner: Any, name: Any) -> type[Node]:
+def _nested_class(graph_class: type, node_class: type, owner: Any, name: Any) -> type:
     # Protocols 2 and 3 pickle the nested class as getattr(VideoGraph, "Node"); that one lookup
     # is all getattr may do here.
-    if owner is Graph and name == "Node":
-        return Node
+    if owner is graph_class and name == "Node":
+        return node_class
     raise BadInput(f"refused getattr({getattr(owner, '__name__', type(owner).__name__)}, {name!r})")
 
 
@@ -86,33 +135,51 @@ def _latin1(text: Any, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-_GRAPH_CLASSES: dict[str, type] = {"VideoGraph": Graph, "VideoGraph.Node": Node}
-_ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
+_DROP = _Callable("numpy reconstruction", _dropped)
+# The builtin types are immutable (setting an attribute on them raises TypeError), so they can be
+# handed out as they are; functions go out wrapped.
+_ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "list"): list,
     ("builtins", "dict"): dict,
     ("builtins", "int"): int,
     ("builtins", "bytearray"): bytearray,
-    ("builtins", "getattr"): _nested_class,
     ("collections", "defaultdict"): defaultdict,
     ("collections", "OrderedDict"): OrderedDict,
-    ("_codecs", "encode"): _latin1,
-    ("numpy", "ndarray"): Dropped,
-    ("numpy", "dtype"): _dropped,
+    ("_codecs", "encode"): _Callable("_codecs.encode", _latin1),
+    ("numpy", "ndarray"): _DROP,  # only ever an argument of _reconstruct, which ignores it
+    ("numpy", "dtype"): _DROP,
 }
 for _core in ("numpy.core", "numpy._core"):
-    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = _dropped
-    _ALLOWED[(f"{_core}.multiarray", "scalar")] = _dropped
-    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = _dropped
+    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = _DROP
+    _ALLOWED[(f"{_core}.multiarray", "scalar")] = _DROP
+    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = _DROP
+
+# What a checked graph may hold besides containers and graph objects.
+_ATOMS: frozenset[type] = frozenset({str, bytes, bytearray, int, float, bool, type(None), Dropped})
+_SEQUENCES: frozenset[type] = frozenset({list, tuple, set, frozenset})
+_MAPPINGS: frozenset[type] = frozenset({dict, OrderedDict, defaultdict})
+_FACTORIES = (None, list, dict, set, frozenset, int, OrderedDict)  # a defaultdict's default_factory
 
 
 class _GraphUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        # Fresh stand-ins for every load, so even a way around `_Frozen` could not reach the next load.
+        graph = _Frozen("VideoGraph", (), {"__module__": __name__, "__qualname__": "VideoGraph"})
+        node = _Frozen("Node", (), {"__module__": __name__, "__qualname__": "VideoGraph.Node"})
+        self.stand_ins: dict[type, type] = {graph: Graph, node: Node}
+        self._classes = {"VideoGraph": graph, "VideoGraph.Node": node}
+        self._getattr = _Callable("builtins.getattr", partial(_nested_class, graph, node))
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":  # protocol-2 pickles name builtins the Python 2 way
             module = "builtins"
-        if module in GRAPH_MODULES and name in _GRAPH_CLASSES:
-            return _GRAPH_CLASSES[name]
+        if module in GRAPH_MODULES and name in self._classes:
+            return self._classes[name]
+        if (module, name) == ("builtins", "getattr"):
+            return self._getattr
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         raise BadInput(
@@ -132,7 +199,9 @@ def load_graph(path: str | Path) -> Graph:
     except OSError as e:
         raise BadInput(f"{path}: cannot read the memory graph ({e.strerror or e})") from None
     try:
-        graph = _GraphUnpickler(io.BytesIO(data)).load()
+        unpickler = _GraphUnpickler(io.BytesIO(data))
+        graph = unpickler.load()
+        _adopt(graph, unpickler.stand_ins)
     except BadInput as e:
         raise BadInput(f"{path}: {e}") from None
     except Exception as e:  # a corrupt pickle can fail in many ways; all mean "unreadable"
@@ -142,6 +211,52 @@ def load_graph(path: str | Path) -> Graph:
     if not isinstance(getattr(graph, "nodes", None), dict):
         raise BadInput(f"{path}: the VideoGraph has no 'nodes' dictionary")
     return graph
+
+
+def _adopt(root: Any, stand_ins: dict[type, type]) -> None:
+    """Check that everything `root` reaches is data, and turn this load's stand-in objects into
+    `Graph` and `Node` objects in place (their attributes are the instance's own, nothing else)."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:  # a loop, not recursion: a pickle can nest deeper than the recursion limit
+        obj = todo.pop()
+        kind = type(obj)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        todo.extend(part for part in _parts(obj, kind, stand_ins) if type(part) not in _ATOMS)
+        if kind in stand_ins:
+            obj.__class__ = stand_ins[kind]
+
+
+def _parts(obj: Any, kind: type, stand_ins: dict[type, type]) -> Iterable[Any]:
+    if kind in _ATOMS:
+        return ()
+    if kind in _SEQUENCES:
+        return obj
+    if kind in _MAPPINGS:
+        if getattr(obj, "default_factory", None) not in _FACTORIES:
+            raise BadInput(f"refused a defaultdict of {obj.default_factory!r} in the memory graph")
+        if getattr(obj, "__dict__", None):  # an OrderedDict can carry attributes; a graph's never do
+            raise BadInput(f"refused a {kind.__name__} with attributes in the memory graph")
+        return [*obj.keys(), *obj.values()]
+    if kind in stand_ins:
+        attrs = vars(obj)
+        if not all(type(name) is str for name in attrs):
+            raise BadInput(f"refused a {kind.__qualname__} with an attribute name that is not text")
+        return attrs.values()
+    raise BadInput(
+        f"refused {_described(obj)} in the memory graph: it may only hold data "
+        "(numbers, text, bytes, containers, graph nodes)"
+    )
+
+
+def _described(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"the class {obj.__qualname__}"
+    if isinstance(obj, _Callable):
+        return f"the function {obj.name}"
+    return f"a {type(obj).__qualname__} object"
 
 
 def character_mappings(graph: Graph) -> dict[str, str]:

@@ -22,6 +22,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..embedders import Embedder, load_embedder
 from ..errors import BadInput, EmptyMemory, EngineError, LinmemError
-from ..log import LogState
+from ..log import Log, LogState
 from ..render import render
 from ..types import Answer, Hit, Item, Timings, Tokens
 
@@ -53,7 +54,9 @@ class EmbeddingReader:
     """Answers with the memory's clips closest to the query (see the module docstring).
 
     `embedder` is a spec for `linmem.embedders.load_embedder` (default all-MiniLM-L6-v2) or an
-    `Embedder` object. The model is loaded at the first read, not at construction.
+    `Embedder` object. The model is loaded at the first read, not at construction. The vectors
+    live in the memory's `VectorIndex` for that embedder, which every reader of the memory with
+    that embedder shares (readers that differ in `top_k` or `threshold` hold no copy of their own).
     """
 
     def __init__(
@@ -73,10 +76,7 @@ class EmbeddingReader:
         self.threshold = float(threshold)
         self._spec = embedder if isinstance(embedder, str | None) else None
         self._embedder: Embedder | None = None if isinstance(embedder, str | None) else embedder
-        self._vectors: _Vectors | None = None
-        self._cache: VectorCache | None = None
-        self._state: LogState | None = None
-        self._lock = threading.RLock()
+        self._index: VectorIndex | None = None
 
     def __repr__(self) -> str:
         model = self._embedder.id if self._embedder else self._spec
@@ -87,6 +87,13 @@ class EmbeddingReader:
         if self._embedder is None:
             self._embedder = load_embedder(self._spec)
         return self._embedder
+
+    @property
+    def index(self) -> VectorIndex:
+        """The memory's shared vectors for this reader's embedder (loads the embedder)."""
+        if self._index is None:
+            self._index = VectorIndex.shared(self.memory.cache_dir, self.embedder)
+        return self._index
 
     def read(self, query: str, *, exclude_clips: Iterable[int] = ()) -> Answer:
         """The `top_k` best clips (and unclipped items) scoring at least `threshold`.
@@ -103,19 +110,9 @@ class EmbeddingReader:
         return self._answer(query, k, clips_only=True)
 
     def on_write(self, items: Sequence[Item]) -> None:
-        """Embed just-written items now if the model is loaded; otherwise the next read will.
-
-        The items are already committed to the log, so a failure here is logged and the work is
-        left to the next read's sync rather than failing the write.
-        """
-        with self._lock:
-            if self._embedder is None or self._vectors is None:
-                return
-            fresh = [i for i in items if i.id is not None and i.id not in self._vectors]
-            try:
-                self._add(fresh)
-            except (LinmemError, sqlite3.Error, OSError) as e:
-                log.warning("embedding new items deferred to the next read: %s", e)
+        """Embed just-written items now if the index is live; otherwise the next read will."""
+        if self._index is not None:
+            self._index.on_write(items)
 
     def read_many(self, queries: Sequence[str]) -> list[Answer]:
         """`[self.read(q) for q in queries]`, with one sync of the vectors for them all."""
@@ -145,12 +142,13 @@ class EmbeddingReader:
         if not queries:
             return []
         start = time.perf_counter()
-        with self._lock:
-            # Checked before the sync too, so that an empty memory does not load a model to say so.
-            if self.memory.log.state().count == 0:
-                raise self._empty()
-            work = self._sync()
-            vectors = self._require_vectors()
+        # Checked before the sync too, so that an empty memory does not load a model to say so.
+        if self.memory.log.state().count == 0:
+            raise self._empty()
+        index = self.index
+        with index.lock:
+            work = index.sync(self.memory.log)
+            vectors = index.vectors()
             if not len(vectors):
                 raise self._empty()
             answers = []
@@ -226,33 +224,82 @@ class EmbeddingReader:
         )
         return hit, items
 
-    def _require_vectors(self) -> _Vectors:
-        assert self._vectors is not None, "_sync builds the vectors"
+
+_INDEXES: weakref.WeakValueDictionary[tuple[str, str], VectorIndex] = weakref.WeakValueDictionary()
+_INDEXES_LOCK = threading.Lock()
+
+
+class VectorIndex:
+    """One memory's item vectors for one embedder, in RAM and in the disk cache, kept in step with
+    the log. One per (memory folder, embedder) per process (`shared`); `lock` serialises its use."""
+
+    def __init__(self, cache_dir: Path, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self.lock = threading.RLock()
+        self._path = cache_dir / "embeddings" / f"{safe_file_stem(embedder.id)}.sqlite"
+        self._vectors: _Vectors | None = None
+        self._cache: VectorCache | None = None
+        self._state: LogState | None = None
+
+    @classmethod
+    def shared(cls, cache_dir: Path, embedder: Embedder) -> VectorIndex:
+        key = (str(Path(cache_dir).resolve()), embedder.id)
+        with _INDEXES_LOCK:
+            index = _INDEXES.get(key)
+            if index is None or index.embedder is not embedder:
+                _INDEXES[key] = index = cls(cache_dir, embedder)
+            return index
+
+    def vectors(self) -> _Vectors:
+        assert self._vectors is not None, "sync builds the vectors"
         return self._vectors
 
-    def _sync(self) -> _Work:
-        """Bring the vectors up to the log: embed missing items, drop deleted ones."""
-        # The state is read before the items: a change in between then shows at the next sync.
-        state = self.memory.log.state()
+    def on_write(self, items: Sequence[Item]) -> None:
+        """Embed just-written items now if the vectors are in RAM; otherwise the next read will.
+
+        The items are already committed to the log, so a failure here is logged and the work is
+        left to the next read's sync rather than failing the write.
+        """
+        with self.lock:
+            if self._vectors is None:
+                return
+            fresh = [i for i in items if i.id is not None and i.id not in self._vectors]
+            try:
+                self._add(fresh)
+            except (LinmemError, sqlite3.Error, OSError) as e:
+                log.warning("embedding new items deferred to the next read: %s", e)
+
+    def sync(self, memory_log: Log) -> _Work:
+        """Bring the vectors up to the log: embed missing items, drop deleted or changed ones."""
+        state = memory_log.state()
         if self._vectors is not None and state == self._state:
             return _Work()
         if self._vectors is None or self._cache is None:
             self._vectors = _Vectors(self.embedder.dim)
-            self._cache = VectorCache(self._cache_path(), self.embedder.id, self.embedder.dim, self._backup)
+            # Through a weak reference: no cycle, so an index nobody reads is freed at once.
+            me = weakref.ref(self)
+            self._cache = VectorCache(
+                self._path, self.embedder.id, self.embedder.dim, lambda: _backup_of(me())
+            )
         work = _Work()
-        if self._state is None or state.epoch != self._state.epoch:
-            items = self.memory.log.items()
+        delta = memory_log.since(self._state) if self._state is not None else None
+        if delta is None:
+            # First sync, or the log no longer extends what the vectors were built from (items
+            # deleted, a backup restored): keep only the rows whose item is still there unchanged.
+            everything = memory_log.since(None)
+            assert everything is not None
+            items, state = everything
+            self._vectors.retain(items)
             work = work.plus(self._drop_gone({i.id for i in items if i.id is not None}))
         else:
-            items = self.memory.log.items(after_id=self._state.last_id)
+            items, state = delta
         work = work.plus(self._add([i for i in items if i.id not in self._vectors]))
         self._state = state
         return work
 
     def _drop_gone(self, present: set[int]) -> _Work:
-        vectors, cache = self._vectors, self._cache
-        assert vectors is not None and cache is not None
-        vectors.keep(present)
+        cache = self._cache
+        assert cache is not None
         return self._persist(lambda: cache.drop_except(present))
 
     def _add(self, items: Sequence[Item]) -> _Work:
@@ -304,11 +351,9 @@ class EmbeddingReader:
             return _Work(notes=(f"embedding cache not updated: {e}",))
         return _Work(notes=self._cache.take_notes())
 
-    def _backup(self) -> list[CacheRow]:
-        return self._vectors.rows() if self._vectors is not None else []
 
-    def _cache_path(self) -> Path:
-        return self.memory.cache_dir / "embeddings" / f"{safe_file_stem(self.embedder.id)}.sqlite"
+def _backup_of(index: VectorIndex | None) -> list[CacheRow]:
+    return index._vectors.rows() if index is not None and index._vectors is not None else []
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,13 +452,20 @@ class _Vectors:
             self._text_sha.append(row.text_sha)
         self._units = None
 
-    def keep(self, present: set[int]) -> None:
-        """Drop the rows of items not in `present`."""
-        keep = [r for r, item in enumerate(self.items) if item.id in present]
-        if len(keep) == len(self.items):
+    def retain(self, items: Sequence[Item]) -> None:
+        """Keep only the rows of `items` whose text is the one embedded, as those items (their
+        clip, time and source may have changed); drop every other row."""
+        current = {i.id: i for i in items if i.id is not None}
+        keep = [
+            r
+            for r, item in enumerate(self.items)
+            if item.id in current and self._text_sha[r] == text_digest(current[item.id].text)
+        ]
+        self.items = [current[self.items[r].id] for r in keep]  # type: ignore[index]
+        self._units = None
+        if len(keep) == len(self._text_sha):
             return
         self._buffer = self._buffer[keep].copy()
-        self.items = [self.items[r] for r in keep]
         self._tokens = [self._tokens[r] for r in keep]
         self._text_sha = [self._text_sha[r] for r in keep]
         self._row_of = {item.id: r for r, item in enumerate(self.items) if item.id is not None}
@@ -639,4 +691,11 @@ def _chunks(values: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(values[i : i + size])
 
 
-__all__ = ["DEFAULT_THRESHOLD", "DEFAULT_TOP_K", "EmbeddingReader", "VectorCache", "safe_file_stem"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "DEFAULT_TOP_K",
+    "EmbeddingReader",
+    "VectorCache",
+    "VectorIndex",
+    "safe_file_stem",
+]

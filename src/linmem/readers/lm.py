@@ -17,7 +17,6 @@ answer the question, and a last call combines their answers.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -56,16 +55,11 @@ class LMReader:
         self.max_new_tokens = max_new_tokens
         self.overflow = overflow
         self._cap = context_length
-        # Per kind of read (keyed by its instruction): (snapshot, state after the instruction, ids).
-        self._stems: dict[str, tuple[Any, Any, list[int]]] = {}
-        self._stems_lock = threading.Lock()
         self._store: SnapshotStore | None = None
         if isinstance(self.engine, HFEngine):
             head, _ = self.engine.split(prompts.read_prompt([], ""))
-            self._store = SnapshotStore(
-                self.engine, memory.log, memory.cache_dir / "state", head, persist=persist
-            )
-            self._store.on_drop.append(self._forget_stems)
+            # Shared by every reader of this memory and model in the process, with its stems.
+            self._store = SnapshotStore.shared(self.engine, memory.cache_dir / "state", head, persist=persist)
 
     @property
     def context_length(self) -> int | None:
@@ -75,12 +69,6 @@ class LMReader:
         cap = self._cap
         return min(cap, limit) if cap and limit else cap or limit
 
-    def _forget_stems(self) -> None:
-        # The snapshot left RAM: the states derived from it go too (they share its tensors).
-        with self._stems_lock:
-            for text, (_, _, ids) in list(self._stems.items()):
-                self._stems[text] = (None, None, ids)
-
     @property
     def model_id(self) -> str:
         return str(self.engine.id)
@@ -88,16 +76,13 @@ class LMReader:
     def on_write(self, items: Sequence[Item]) -> None:
         """Extend the snapshot now (and the instructions read after it), so the next read pays
         only for its question."""
-        if self._store is not None and not self.stateless and self._store._snap is not None:
-            try:
-                snap, _ = self._store.get(self._memory_budget(0))
-            except ContextOverflow:
-                self._store.drop()
-                return
-            with self._stems_lock:
-                kinds = [(text, ids) for text, (_, _, ids) in self._stems.items()]
-            for text, ids in kinds:
-                self._after_stem(snap, text, ids)
+        if self._store is not None and not self.stateless:
+            self._store.refresh(self.memory.log, self._memory_budget(0))
+
+    @property
+    def store(self) -> SnapshotStore | None:
+        """The snapshot store this reader reads from (None for engines without local state)."""
+        return self._store
 
     def read(self, query: str) -> Answer:
         t0 = time.perf_counter()
@@ -195,7 +180,7 @@ class LMReader:
         budget = self._memory_budget(len(stem) + max(len(t) for t in tails), max_new)
         if budget is not None and budget < len(engine.encode(store.head)):
             return None
-        snap, update = store.get(budget)
+        snap, update = store.get(self.memory.log, budget)
         t1 = time.perf_counter()
         base, stem_new = self._after_stem(snap, prompts_[0].stem, stem)
         t2 = time.perf_counter()
@@ -265,7 +250,7 @@ class LMReader:
                 needed=len(stem) + len(tail) + max_new,
                 limit=self.context_length or 0,
             )
-        snap, update = store.get(budget)
+        snap, update = store.get(self.memory.log, budget)
         t1 = time.perf_counter()
         base, stem_new = self._after_stem(snap, prompt.stem, stem)
         t2 = time.perf_counter()
@@ -312,21 +297,8 @@ class LMReader:
         return outs, query_s, generate_s
 
     def _after_stem(self, snap: Any, stem_text: str, stem: list[int]) -> tuple[Any, int]:
-        """The state after the memory and a kind of read's fixed instruction, kept per snapshot;
-        returns it and how many tokens were run now to make it (0 when it was kept)."""
-        with self._stems_lock:
-            kept = self._stems.get(stem_text)
-            if kept is not None and kept[0] is snap:
-                return kept[1], 0
-        cache = self.engine.fork(snap.cache)
-        if stem:
-            self.engine.advance(cache, stem)
-        with self._stems_lock:
-            for text in [t for t, (s, _, _) in self._stems.items() if s is not snap]:
-                # The memory moved on: keep the kind (to refresh it on the next write), drop its state.
-                self._stems[text] = (None, None, self._stems[text][2])
-            self._stems[stem_text] = (snap, cache, stem)
-        return cache, len(stem)
+        assert self._store is not None
+        return self._store.stem(snap, stem_text, stem)
 
     def _windowed(
         self, ask: _Ask, prompt: Prompt, max_new: int, items: list[Item]
