@@ -28,7 +28,7 @@ from linmem import prompts
 from linmem.engines import load_engine
 from linmem.errors import BadInput
 from linmem.memory import open_memory
-from linmem.service.core import Service, check_exposure, load_token
+from linmem.service.core import Allowed, Service, check_exposure, load_token
 from linmem.service.http import create_app, serve
 from linmem.state import RAM
 
@@ -346,14 +346,14 @@ def test_concurrent_asks_equal_sequential_ones(client: httpx.Client, house: str)
     assert all(a["tokens"]["cached"] > a["tokens"]["memory"] for a in together)
 
 
-def test_agent_with_a_scripted_controller(client: httpx.Client, house: str) -> None:
+def test_agent_with_a_scripted_controller(
+    api: Api, client: httpx.Client, house: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     chat = ScriptedChat(["Action: [Search]\nContent: red mug", "Action: [Answer]\nContent: On the shelf."])
     with OpenAIServer(chat=chat) as server:
-        body = {
-            "question": "Where is the red mug?",
-            "controller": f"openai:{server.url}#{server.model}",
-            **HASH,
-        }
+        spec = f"openai:{server.url}#{server.model}"
+        monkeypatch.setattr(api.service, "allowed", Allowed.of(more_models=[spec]))  # as --allow-model
+        body = {"question": "Where is the red mug?", "controller": spec, **HASH}
         trace = client.post(f"/v1/memories/{house}/agent", json=body)
     assert trace.status_code == 200, trace.text
     t = trace.json()
@@ -373,10 +373,14 @@ def test_agent_with_a_scripted_controller(client: httpx.Client, house: str) -> N
 # Errors and the spec
 
 
-def test_every_error_has_the_one_shape(tmp_path: Path, client: httpx.Client, house: str, name: str) -> None:
+def test_every_error_has_the_one_shape(
+    api: Api, tmp_path: Path, client: httpx.Client, house: str, name: str, *, monkeypatch: pytest.MonkeyPatch
+) -> None:
     client.post("/v1/memories", json={"name": name})
     empty, memory = f"/v1/memories/{name}", f"/v1/memories/{house}"
     (tmp_path / "not-a-model").mkdir()
+    listed = ["gpt:x", f"hf:{tmp_path / 'not-a-model'}"]
+    monkeypatch.setattr(api.service, "allowed", Allowed.of(more_models=listed))
     cases: list[tuple[str, str, dict[str, Any] | None, int, str]] = [
         ("GET", "/nowhere", None, 404, "not_found"),
         ("PUT", "/v1/memories", {}, 405, "method_not_allowed"),
@@ -384,6 +388,7 @@ def test_every_error_has_the_one_shape(tmp_path: Path, client: httpx.Client, hou
         ("GET", f"{memory}/items/seven", None, 422, "validation"),
         ("POST", "/v1/memories/nobody/ask", {"query": "q", **HASH}, 404, "no_such_memory"),
         ("POST", f"{empty}/ask", {"query": "q", **HASH}, 409, "empty_memory"),
+        ("POST", f"{memory}/ask", {"query": "q", "model": "gpt:y"}, 403, "not_allowed"),
         ("POST", f"{memory}/ask", {"query": "q", "model": "gpt:x"}, 400, "unknown_spec"),
         (
             "POST",
@@ -398,6 +403,7 @@ def test_every_error_has_the_one_shape(tmp_path: Path, client: httpx.Client, hou
         error(client.request(method, path, json=body), status, code)
     with OpenAIServer(errors=[(400, "the server says no")] * 4) as server:
         failing = {"query": "q", "model": f"openai:{server.url}#{server.model}"}
+        monkeypatch.setattr(api.service, "allowed", Allowed.of(more_models=[failing["model"]]))
         assert "the server says no" in error(client.post(f"{memory}/ask", json=failing), 502, "engine_error")
 
 
@@ -479,3 +485,84 @@ def test_tokens_and_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         with pytest.raises(BadInput, match="without a token"):
             check_exposure(host, None)
         check_exposure(host, "a-token")
+
+
+# What a request may make the server do
+
+
+@pytest.mark.parametrize("field", ["model", "embedder", "controller"])
+def test_a_request_cannot_name_a_url_of_its_own(
+    client: httpx.Client, house: str, field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spec in a request is only ever chosen among the server's own: the server never calls a
+    URL a caller gave it, so it never sends its API key or a memory's text there."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-server-secret")
+    with OpenAIServer(chat=ScriptedChat(["Action: [Answer]\nContent: leaked"])) as server:
+        spec = f"openai:{server.url}#{server.model}"
+        route, body = {
+            "model": ("ask", {"query": "Where is the red mug?", "model": spec}),
+            "embedder": ("rank", {"query": "red mug", "backend": "embedding", "embedder": spec}),
+            "controller": ("agent", {"question": "Where is the red mug?", "controller": spec, **HASH}),
+        }[field]
+        message = error(client.post(f"/v1/memories/{house}/{route}", json=body), 403, "not_allowed")
+        assert server.requests == []  # nothing reached the caller's server: no key, no memory text
+    assert "--allow-model" in message or "--allow-embedder" in message
+    assert "sk-server-secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("route", "extra"),
+    [
+        ("rank", {"k": 101}),
+        ("ask", {**TINY, "max_new_tokens": 100_000}),
+        ("ask", {"top_k": 1000, "backend": "embedding"}),
+        ("agent", {"rounds": 1000}),
+    ],
+)
+def test_work_per_request_is_bounded(client: httpx.Client, house: str, route: str, extra: dict) -> None:
+    field = "question" if route == "agent" else "query"
+    error(client.post(f"/v1/memories/{house}/{route}", json={field: "q", **extra}), 422, "validation")
+
+
+def test_a_loopback_server_answers_only_loopback_hosts(tmp_path: Path) -> None:
+    app = create_app(Service(tmp_path / "home", ram_budget=RAM.limit), token=None, host="127.0.0.1")
+    url, stop = start(app)
+    try:
+        port = url.rsplit(":", 1)[1]
+        with httpx.Client(base_url=url) as http:
+            assert http.get("/v1/memories").status_code == 200
+            assert http.get("/v1/memories", headers={"Host": f"localhost:{port}"}).status_code == 200
+            error(http.get("/v1/memories", headers={"Host": f"evil.example:{port}"}), 421, "bad_host")
+            error(http.get("/v1/memories", headers={"Origin": "http://evil.example"}), 403, "bad_origin")
+            assert http.get("/v1/memories", headers={"Origin": f"http://127.0.0.1:{port}"}).status_code == 200
+    finally:
+        stop()
+
+
+def test_a_write_never_waits_behind_slow_reads(
+    api: Api, client: httpx.Client, house: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads run in threads of their own: with every read thread busy on a slow endpoint (and
+    more reads queued), a write is still answered at once."""
+    client.post("/v1/memories", json={"name": "scratch"})
+    with OpenAIServer(delay_s=2.0) as server:  # a wide margin: the write takes milliseconds
+        spec = f"openai:{server.url}#{server.model}"
+        monkeypatch.setattr(api.service, "allowed", Allowed.of(more_models=[spec]))
+        done: list[str] = []
+
+        def read(i: int) -> None:
+            with httpx.Client(base_url=api.url, headers=client.headers, timeout=120) as c:
+                c.post(f"/v1/memories/{house}/ask", json={"query": f"slow question {i}", "model": spec})
+            done.append("read")
+
+        with ThreadPoolExecutor(48) as pool:  # more than the 40 threads routes shared before
+            reads = [pool.submit(read, i) for i in range(48)]
+            deadline = time.monotonic() + 30
+            while len(server.requests) < 16 and time.monotonic() < deadline:
+                time.sleep(0.01)  # every read thread is now waiting on the endpoint
+            r = client.post("/v1/memories/scratch/items", json={"items": [{"text": "a quick note"}]})
+            assert r.status_code == 200, r.text
+            done.append("write")
+            for f in reads:
+                f.result()
+    assert done[0] == "write"

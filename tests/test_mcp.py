@@ -92,6 +92,14 @@ async def exercise(client: Client) -> None:
     bad = await error_text(client, "memory_write", memory="robot", items=[{"text": "fine"}, {"text": ""}])
     assert "bad_input" in bad and "items[1]" in bad
     assert "bad_name" in await error_text(client, "memory_search", memory="../etc", query="x")
+    # A call chooses among the server's models and embedders; it cannot name a URL or path.
+    url = "openai:http://127.0.0.1:9/v1#exfiltrate"
+    refused = await error_text(
+        client, "memory_query", memory="robot", question="Hi?", backend="lm", model=url
+    )
+    assert "not_allowed: " in refused
+    refused = await error_text(client, "memory_search", memory="robot", query="x", model="st:/etc/passwd")
+    assert "not_allowed: " in refused
     # The rejected batch wrote nothing, not even its valid first item.
     assert await call(client, "memory_list") == {"memories": [{"name": "robot", "items": 3}]}
 

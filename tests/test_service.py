@@ -100,3 +100,112 @@ def test_ram_budget_evicts_and_reloads(service: Service) -> None:
     again = service.ask("a", "Where is the mug?", model="tiny:qwen3", max_new_tokens=4)
     assert "snapshot: loaded from disk" in again.notes
     assert again.text == first.text
+
+
+def test_a_batcher_leader_serves_only_until_its_own_question_is_answered() -> None:
+    """Every batch is served by a caller whose own question is in it: no caller answers other
+    callers' questions while its own is already done (the starvation of one leader)."""
+    from linmem.service.core import BATCH_MAX, _Batcher
+    from linmem.types import Answer, Timings, Tokens
+
+    batches: list[tuple[int, list[str]]] = []
+
+    def run(queries: list[str]) -> list[Answer]:
+        batches.append((threading.get_ident(), list(queries)))
+        return [Answer(q, (), "m", Tokens(None, 0, 0), Timings(0.0)) for q in queries]
+
+    batcher = _Batcher(run, window_s=0.002)
+
+    def caller(n: int) -> None:
+        me = threading.get_ident()
+        for i in range(n):
+            assert batcher.submit(f"{me}:{i}").text == f"{me}:{i}"
+
+    threads = [threading.Thread(target=caller, args=(40,)) for _ in range(BATCH_MAX // 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(len(q) for _, q in batches) == 40 * len(threads)
+    for leader, queries in batches:
+        assert any(q.startswith(f"{leader}:") for q in queries), "a leader served a batch not its own"
+
+
+def test_four_hundred_memories_under_a_low_file_limit(tmp_path) -> None:
+    """Logs close when idle: a service touching 400 memories under `ulimit -n 256` lists, writes
+    and reads all of them (it used to keep every log open and fail with 500s)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        from linmem.service import Service
+        from linmem.types import Item
+        service = Service({str(tmp_path / "home")!r}, ram_budget=None)
+        for i in range(400):
+            service.create(f"m{{i}}")
+            service.write(f"m{{i}}", [Item(f"note {{i}} about the red mug", clip=i)])
+        listing = service.memories()
+        assert len(listing) == 400 and all(m["items"] == 1 for m in listing), listing[:3]
+        for i in range(400):
+            answer = service.rank(f"m{{i}}", "red mug", 1, backend="embedding", embedder="hash:64")
+            assert answer.clips == (i,), (i, answer.clips)
+            assert service.stats(f"m{{i}}")["items"] == 1
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_slow_endpoint_holds_up_no_other_read(tmp_path) -> None:
+    """Loading an engine whose server is slow to answer /models happens outside every shared
+    lock: an embedding read of the same memory meanwhile is answered first."""
+    from openai_server import OpenAIServer
+
+    from linmem.service.core import Allowed
+
+    with OpenAIServer(models_delay_s=3.0) as server:  # a wide margin: the embedding read takes ms
+        slow = f"openai:{server.url}"  # no #model: the engine asks /models which one to use
+        service = Service(tmp_path / "home", ram_budget=None, allowed=Allowed.of(more_models=[slow]))
+        service.create("m")
+        service.write("m", [Item(c, clip=i) for i, c in enumerate(CAPTIONS)])
+        service.ask("m", "keys", backend="embedding", embedder="hash:64")  # vectors ready
+        done: list[str] = []
+        lm = threading.Thread(target=lambda: (service.ask("m", "keys?", model=slow), done.append("lm")))
+        lm.start()
+        while not any(p.rstrip("/") == "/v1/models" for p in server.gets) and lm.is_alive():
+            threading.Event().wait(0.01)
+        service.ask("m", "keys", backend="embedding", embedder="hash:64")
+        done.append("embedding")
+        lm.join()
+    assert done == ["embedding", "lm"]
+
+
+def test_option_sets_do_not_grow_without_bound(service: Service) -> None:
+    """Each distinct option set builds a reader, but readers share the memory's vectors (and
+    snapshot), and a memory keeps at most MAX_READERS of them."""
+    from linmem.memory import MAX_READERS
+
+    service.create("m")
+    service.write("m", [Item(c, clip=i) for i, c in enumerate(CAPTIONS)])
+    readers = []
+    for i in range(3 * MAX_READERS):
+        service.ask("m", "keys", backend="embedding", embedder="hash:64", threshold=i / 100)
+        readers.append(service.reader("m", "embedding", embedder="hash:64", threshold=i / 100))
+    assert len({id(r.index) for r in readers}) == 1  # one set of vectors for every threshold
+    assert len(service._handle("m").memory._readers) <= MAX_READERS
+
+
+def test_hash_dimensions_are_bounded(service: Service) -> None:
+    from linmem.errors import NotAllowed
+
+    service.create("m")
+    service.write("m", [Item("the red mug", clip=0)])
+    with pytest.raises(NotAllowed, match="hash:DIM up to"):
+        service.ask("m", "mug", backend="embedding", embedder="hash:4000000")

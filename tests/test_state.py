@@ -227,6 +227,9 @@ def test_corrupt_snapshot_is_rebuilt(damage: str) -> None:
     snap, update = store_for(engine, mem).get()
     assert "corrupt" in update.reason
     assert update.tokens == snap.tokens  # rebuilt from the log, every token
+    # The rebuilt snapshot was saved whole (no damaged file of the old one reused) and loads.
+    again, update = store_for(engine, mem).get()
+    assert update.reason == "loaded from disk" and again.tokens == snap.tokens
     assert open_memory("m").ask("keys?", model="tiny:qwen3.5", max_new_tokens=10).text == good
 
 

@@ -195,9 +195,9 @@ def _one_memory(memory: Memory, arch: str, spec: str, rng: random.Random) -> tup
         "exact": exact,
     }
     append = _append(memory, cached, rng, exact)
-    snap = cached._store._snap
+    snap = cached.store.current()
     tensors, _ = cached.engine.cache_to_tensors(snap.cache)
-    disk = sum(f.stat().st_size for f in cached._store.path.iterdir())
+    disk = cached.store.disk_bytes()
     size = {
         "memory_tokens": snap.tokens,
         "state_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
@@ -209,12 +209,12 @@ def _one_memory(memory: Memory, arch: str, spec: str, rng: random.Random) -> tup
 def _append(memory: Memory, reader: Any, rng: random.Random, exact: bool) -> dict[str, Any]:
     """Write ~APPEND_TOKENS tokens; the live reader extends its snapshot by them."""
     clip = (memory.items()[-1].clip or 0) + 1
-    before = reader._store._snap.tokens
+    before = reader.store.current().tokens
     with _LayerClock(reader.engine) as clock:
         t0 = time.perf_counter()
         memory.write(_items(rng, APPEND_TOKENS, clip))
         seconds = time.perf_counter() - t0
-    added = reader._store._snap.tokens - before
+    added = reader.store.current().tokens - before
     return {
         "memory_tokens": before,
         "added_tokens": added,

@@ -10,21 +10,29 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import LinmemError
 from .itemfile import read_items
-from .memory import Memory, delete_memory, memories, open_memory
+from .memory import Memory, delete_memory, memories, open_memory, summaries
 from .readers import BACKENDS
 from .types import Answer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if "--json" in argv:  # a bad command line, too, is one JSON object (argparse's exit status 2)
+        _raise_usage_errors(parser)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        return _fail(argparse.Namespace(json=True), "usage", str(e), status=2)
     _quiet_libraries()
     try:
         result = args.run(args)
@@ -32,17 +40,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, e.code, str(e))
     except KeyboardInterrupt:
         return _fail(args, "interrupted", "interrupted")
+    except Exception as e:
+        if not args.json:
+            raise
+        traceback.print_exc()  # a bug: the details go to stderr, the promised JSON object to stdout
+        return _fail(args, "internal", f"internal error: {type(e).__name__}: {e}")
+    finally:
+        _close_opened()
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     return 0
 
 
-def _fail(args: argparse.Namespace, code: str, message: str) -> int:
+# The memories this command opened: closed when it ends, as when the process exits (main() also
+# runs in-process, in tests and from other programs).
+_opened: list[Memory] = []
+
+
+def _open(name: str, home: Path | None, *, create: bool = False) -> Memory:
+    memory = open_memory(name, home=home, create=create)
+    _opened.append(memory)
+    return memory
+
+
+def _close_opened() -> None:
+    while _opened:
+        _opened.pop().close()
+
+
+class _UsageError(Exception):
+    """A command line argparse refused, raised instead of printing the usage and exiting."""
+
+
+def _raise_usage_errors(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` and every subcommand's parser raise `_UsageError` where they would exit."""
+
+    def error(message: str) -> NoReturn:
+        raise _UsageError(f"{parser.prog}: {message} ({parser.format_usage().strip()})")
+
+    parser.error = error  # type: ignore[method-assign]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _raise_usage_errors(sub)
+
+
+def _fail(args: argparse.Namespace, code: str, message: str, *, status: int = 1) -> int:
+    # A lone surrogate (a file name that is not UTF-8) would make printing the error fail.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if getattr(args, "json", False):
         print(json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False))
     else:
         print(f"linmem: error: {message}", file=sys.stderr)
-    return 1
+    return status
 
 
 def _quiet_libraries() -> None:
@@ -214,6 +264,7 @@ def _tool_commands(command: Command) -> None:
     sv.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     sv.add_argument("--token-file", type=Path, help="file holding the bearer token (else $LINMEM_API_KEY)")
     sv.add_argument("--ram-budget-mb", type=int, default=2048, help="RAM for state snapshots (default 2048)")
+    _allow_options(sv)
 
     mc = command(
         "mcp", cmd_mcp, "run the MCP server (tools: memory_write, memory_query, memory_search, memory_list)"
@@ -226,6 +277,19 @@ def _tool_commands(command: Command) -> None:
     mc.add_argument(
         "--token-file", type=Path, help="bearer token file for --transport http (else $LINMEM_API_KEY)"
     )
+    _allow_options(mc, defaults=False)
+
+
+def _allow_options(a: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """What a server's clients may choose: a request never names a model or URL of its own."""
+    if defaults:
+        a.add_argument("--model", metavar="SPEC", help="the LM requests use by default (Qwen3.5-0.8B)")
+        a.add_argument("--embedder", metavar="SPEC", help="the embedder requests use by default (MiniLM)")
+    more = "(repeatable; the tiny models and hash:DIM embedders always may)"
+    a.add_argument("--allow-model", action="append", default=[], metavar="SPEC",
+                   help=f"another LM spec requests may choose {more}")  # fmt: skip
+    a.add_argument("--allow-embedder", action="append", default=[], metavar="SPEC",
+                   help=f"another embedder spec requests may choose {more}")  # fmt: skip
 
 
 def _reader_options(a: argparse.ArgumentParser) -> None:
@@ -251,7 +315,7 @@ def _reader_options(a: argparse.ArgumentParser) -> None:
 
 
 def _reader(args: argparse.Namespace) -> tuple[Memory, Any]:
-    memory = open_memory(args.name, home=args.home)
+    memory = _open(args.name, args.home)
     if args.backend == "embedding":
         options = {"embedder": args.embedder, "top_k": args.top_k, "threshold": args.threshold}
     else:
@@ -270,8 +334,8 @@ def cmd_write(args: argparse.Namespace) -> dict[str, Any]:
     for f in args.files:
         data = sys.stdin.buffer.read() if f == "-" else None
         batches.append(read_items(Path("<stdin>" if f == "-" else f), args.format, data))
-    memory = open_memory(args.name, home=args.home, create=True)
-    written = memory.write([item for batch in batches for item in batch])
+    with _target(args.name, args.home) as memory:  # a memory made here goes again if the write fails
+        written = memory.write([item for batch in batches for item in batch])
     if not args.json:
         print(f"wrote {len(written)} items to {memory.name} (ids {written[0].id}-{written[-1].id})")
     state = memory.state()
@@ -322,7 +386,7 @@ def cmd_structure(args: argparse.Namespace) -> dict[str, Any]:
     from .engines import load_engine
     from .structured import structure
 
-    memory = open_memory(args.name, home=args.home)
+    memory = _open(args.name, args.home)
     engine = load_engine(args.model)
 
     def progress(source: str, clip: int, outcome: str) -> None:
@@ -344,7 +408,7 @@ def _target(name: str, home: Path | None) -> Iterator[Memory]:
     """The memory a command writes to, created if new; if the command fails before writing
     anything to a memory it created, the empty memory is removed again."""
     created = name not in memories(home)
-    memory = open_memory(name, home=home, create=True)
+    memory = _open(name, home, create=True)
     try:
         yield memory
     except BaseException:
@@ -412,7 +476,7 @@ def _print_footer(a: Answer) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
-    memory = open_memory(args.name, home=args.home)
+    memory = _open(args.name, args.home)
     items = memory.items()
     state = memory.state()
     caches = (
@@ -443,31 +507,21 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
-    names = memories(args.home)
-    rows = []
-    for name in names:
-        m = open_memory(name, home=args.home)
-        rows.append({"name": name, "items": m.state().count})
-        m.close()
+    rows = summaries(args.home)
     if not args.json:
         for r in rows:
-            print(f"{r['name']}\t{r['items']} items")
+            count = f"{r['items']} items" if "error" not in r else f"unreadable: {r['error']['message']}"
+            print(f"{r['name']}\t{count}")
         if not rows:
             print("no memories yet (linmem write NAME FILE, or linmem demo)")
     return {"memories": rows}
 
 
 def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
-    memory = open_memory(args.name, home=args.home)
+    memory = _open(args.name, args.home)
     if args.all == bool(args.ids):
         raise LinmemError("give item ids to forget, or --all (not both)")
-    if args.all:
-        removed = memory.clear()
-        import shutil
-
-        shutil.rmtree(memory.cache_dir, ignore_errors=True)
-    else:
-        removed = memory.forget(args.ids)
+    removed = memory.clear() if args.all else memory.forget(args.ids)
     if not args.json:
         print(f"forgot {removed} items from {memory.name}")
     return {"memory": memory.name, "forgotten": removed, "items": memory.state().count}
@@ -511,17 +565,20 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from .service.core import Allowed
     from .service.http import serve
 
+    allowed = Allowed.of(args.model, args.embedder, args.allow_model, args.allow_embedder)
     serve(home=args.home, host=args.host, port=args.port, token_file=args.token_file,
-          ram_budget=args.ram_budget_mb * 2**20)  # fmt: skip
+          ram_budget=args.ram_budget_mb * 2**20, allowed=allowed)  # fmt: skip
     return {"stopped": True}
 
 
 def cmd_mcp(args: argparse.Namespace) -> dict[str, Any]:
     from .service.mcp import run
 
-    run(home=args.home, transport=args.transport, host=args.host, port=args.port, token_file=args.token_file)
+    run(home=args.home, transport=args.transport, host=args.host, port=args.port, token_file=args.token_file,
+        allow_models=args.allow_model, allow_embedders=args.allow_embedder)  # fmt: skip
     return {"stopped": True}
 
 

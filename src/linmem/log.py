@@ -104,9 +104,9 @@ class LogState:
 def check_item(item: Item) -> None:
     """Refuse an item the log cannot store faithfully; the message names the field."""
     if not isinstance(item.text, str) or not item.text.strip():
-        raise BadInput(f"item text must be a non-empty string, found {item.text!r}")
+        raise BadInput(f"item text must be a non-empty string, found {_short(item.text)}")
     if item.clip is not None and (isinstance(item.clip, bool) or not isinstance(item.clip, int)):
-        raise BadInput(f"item clip must be an integer or null, found {item.clip!r}")
+        raise BadInput(f"item clip must be an integer or null, found {_short(item.clip)}")
     if item.clip is not None and item.clip < 0:
         raise BadInput(f"item clip must be >= 0, found {item.clip}")
     if item.clip is not None and item.clip > MAX_INT:
@@ -116,12 +116,18 @@ def check_item(item: Item) -> None:
     for name in ("time", "source"):
         value = getattr(item, name)
         if value is not None and not isinstance(value, str):
-            raise BadInput(f"item {name} must be a string or null, found {value!r}")
+            raise BadInput(f"item {name} must be a string or null, found {_short(value)}")
     if not isinstance(item.meta, dict):
         raise BadInput(f"item meta must be an object, found {type(item.meta).__name__}")
     for name in ("text", "time", "source"):
         _check_unicode(getattr(item, name), f"item {name}")
     _check_json(item.meta, "item meta", 1)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: its repr, cut short (a bad value may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _check_unicode(value: str | None, where: str) -> None:
@@ -142,7 +148,7 @@ def _check_json(value: Any, where: str, depth: int) -> None:
     if isinstance(value, dict):
         for key, inner in value.items():
             if not isinstance(key, str):
-                raise BadInput(f"{where} has a key that is not a string: {key!r}")
+                raise BadInput(f"{where} has a key that is not a string: {_short(key)}")
             _check_unicode(key, f"{where} key")
             _check_json(inner, f"{where}.{key}", depth + 1)
     elif isinstance(value, list | tuple):
@@ -504,13 +510,23 @@ def _translate(e: sqlite3.Error, path: Path) -> Exception:
     """SQLite's failures as linmem errors a caller can act on; others pass through unchanged."""
     code = getattr(e, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
-    if primary == sqlite3.SQLITE_FULL:
+    if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR and _no_space(path)):
         return DiskFull(f"{path}: the disk is full ({e})")
     if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or (
         isinstance(e, sqlite3.DatabaseError) and primary == sqlite3.SQLITE_ERROR and "no such" in str(e)
     ):
         return CorruptMemory(f"{path}: not a readable linmem log ({e})")
     return e
+
+
+def _no_space(path: Path) -> bool:
+    """Whether the disk holding `path` is (all but) full: SQLite reports a full disk met while
+    growing its shared-memory file (-shm) or writing the WAL as an I/O error, not SQLITE_FULL."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 2**20
 
 
 def _item(row: Sequence[Any]) -> Item:

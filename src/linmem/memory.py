@@ -215,7 +215,14 @@ class Memory:
         return self.log.delete(ids)
 
     def clear(self) -> int:
-        return self.log.clear()
+        """Delete every item, and the derived caches with them (they no longer match the log, and
+        would only take disk space until rebuilt). Returns how many items there were."""
+        removed = self.log.clear()
+        if self.cache_dir.is_dir():
+            trash = self.path / f".cleared-{secrets.token_hex(4)}"
+            os.rename(self.cache_dir, trash)  # atomically out of the way of running readers
+            shutil.rmtree(trash, ignore_errors=True)
+        return removed
 
     def state(self) -> LogState:
         return self.log.state()

@@ -198,6 +198,8 @@ class SnapshotStore:
             snap, reason = self._snap, ""
             if snap is None:
                 snap, reason = self._load(log)
+                if reason.startswith("snapshot on disk is"):
+                    self._discard()  # none of its files may be reused by the rebuilt snapshot
             delta = log.since(snap.position if snap is not None else None)
             if delta is None:
                 snap, reason = None, "the log no longer holds the items the snapshot read"
@@ -333,6 +335,16 @@ class SnapshotStore:
         except OSError as e:
             _logger.warning("state snapshot %s not saved: %s", self.path, e)
 
+    def _discard(self) -> None:
+        """Remove a snapshot on disk that failed its checks (the folder itself stays)."""
+        try:
+            with _flock(self.path / LOCK_FILE, exclusive=True):
+                for f in self.path.iterdir():
+                    if f.name != LOCK_FILE:
+                        _remove(f)
+        except OSError as e:
+            _logger.warning("state snapshot %s not removed: %s", self.path, e)
+
     def _make_folder(self) -> bool:
         """Create ``cache/state/<key>`` inside the memory folder, never the memory folder itself:
         a memory deleted meanwhile stays deleted."""
@@ -440,6 +452,8 @@ class SnapshotStore:
         marks = tuple((c["end"], c["head"]) for c in header["kv"]) + ((header["tokens"], position.head),)
         # The cursor is what the next item's text depends on: it is rendered again from the log,
         # never taken from the folder.
+        if not log.extends(position):
+            return None, "the log no longer holds the items the snapshot read"
         prefix = [i for i in log.items() if (i.id or 0) <= position.last_id]
         cursor = render.advance(prefix)[1]
         if cursor != render.Cursor.from_dict(header["cursor"]) or len(prefix) != position.count:

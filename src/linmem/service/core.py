@@ -15,21 +15,30 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, LinmemError, NoSuchMemory
-from ..itemfile import item_from_dict
-from ..memory import Memory, check_name, default_home, delete_memory, memories, open_memory
+from ..embedders import DEFAULT_EMBEDDER, canonical_spec
+from ..engines import DEFAULT_MODEL
+from ..errors import BadInput, LinmemError, NoSuchMemory, NotAllowed
+from ..itemfile import item_from_dict, stored_bytes
+from ..memory import Memory, check_name, default_home, delete_memory, memories, open_memory, summaries
 from ..state import set_ram_budget
 from ..types import Answer, Item
 
 DEFAULT_RAM_BUDGET = 2 * 2**30
 BATCH_WINDOW_S = 0.005
 BATCH_MAX = 8
+# Upper bounds on what one request may ask for: each multiplies work or memory.
+MAX_K = 100
+MAX_NEW_TOKENS = 4096
+MAX_ROUNDS = 20
+MAX_HASH_DIM = 4096
+TINY_MODELS = ("tiny:kimi-linear", "tiny:qwen3.5", "tiny:qwen3")
 
 
 class Conflict(LinmemError):
@@ -47,24 +56,92 @@ class NoSuchItem(NoSuchMemory):
     code = "no_such_item"
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """The models and embedders a service may use: requests choose among these, never a spec of
+    their own. A spec names code to load or a URL to call (with the server's API key), so letting
+    callers name one would let them turn the server against its host or its network.
+
+    `models[0]` and `embedders[0]` are the defaults. The tiny random-weights models are always
+    allowed (they are built in code), as are hash embedders up to `MAX_HASH_DIM` dimensions.
+    """
+
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    embedders: tuple[str, ...] = (DEFAULT_EMBEDDER,)
+
+    @classmethod
+    def of(
+        cls,
+        model: str | None = None,
+        embedder: str | None = None,
+        more_models: Sequence[str] = (),
+        more_embedders: Sequence[str] = (),
+    ) -> Allowed:
+        """The default model and embedder (the library's when None) and any more to allow."""
+        models = (model or DEFAULT_MODEL, *more_models)
+        embedders = (embedder or DEFAULT_EMBEDDER, *more_embedders)
+        return cls(tuple(m.strip() for m in models), tuple(canonical_spec(e) for e in embedders))
+
+    def model(self, spec: str | None) -> str:
+        spec = (spec or self.models[0]).strip()
+        if spec in self.models or spec in TINY_MODELS:
+            return spec
+        raise NotAllowed(
+            f"model {spec!r} is not one this server was started with; allowed: "
+            f"{', '.join(self.models + TINY_MODELS)} (start it with --allow-model SPEC to add one)"
+        )
+
+    def embedder(self, spec: str | None) -> str:
+        key = canonical_spec(spec or self.embedders[0])
+        scheme, _, dim = key.partition(":")
+        if key in {canonical_spec(e) for e in self.embedders}:
+            return key
+        if scheme == "hash" and dim.isdigit() and 1 <= int(dim) <= MAX_HASH_DIM:
+            return key
+        raise NotAllowed(
+            f"embedder {key!r} is not one this server was started with; allowed: "
+            f"{', '.join(self.embedders)}, hash:DIM up to {MAX_HASH_DIM} "
+            "(start it with --allow-embedder SPEC to add one)"
+        )
+
+    def options(self, backend: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """A request's reader options with its model or embedder checked against this list."""
+        out = dict(options)
+        if backend == "lm":
+            out["model"] = self.model(out.get("model"))
+        elif backend == "embedding":
+            out["embedder"] = self.embedder(out.get("embedder"))
+        return out
+
+
 @dataclass
 class _Handle:
     memory: Memory
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: set[Future[None]] = field(default_factory=set)
+    deleted: bool = False
 
 
 class Service:
-    """Named memories under one home, safe to call from many threads."""
+    """Named memories under one home, safe to call from many threads.
+
+    `allowed` lists the models and embedders requests may use (see `Allowed`).
+    """
 
     def __init__(
-        self, home: str | Path | None = None, *, ram_budget: int | None = DEFAULT_RAM_BUDGET
+        self,
+        home: str | Path | None = None,
+        *,
+        ram_budget: int | None = DEFAULT_RAM_BUDGET,
+        allowed: Allowed | None = None,
     ) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.home.mkdir(parents=True, exist_ok=True)
+        self.allowed = allowed or Allowed()
         set_ram_budget(ram_budget)
         self._handles: dict[str, _Handle] = {}
         self._lock = threading.Lock()
-        self._batchers: dict[int, _Batcher] = {}
+        self._batchers: weakref.WeakKeyDictionary[Any, dict[str, _Batcher]] = weakref.WeakKeyDictionary()
         self._updates = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linmem-update")
 
     # Memories
@@ -72,12 +149,15 @@ class Service:
     def _handle(self, name: str) -> _Handle:
         check_name(name)
         with self._lock:
-            if name not in self._handles:
-                self._handles[name] = _Handle(open_memory(name, home=self.home))
-            return self._handles[name]
+            handle = self._handles.get(name)
+            if handle is None:
+                handle = self._handles[name] = _Handle(open_memory(name, home=self.home))
+            return handle
 
     def memories(self) -> list[dict[str, Any]]:
-        return [{"name": n, "items": self._handle(n).memory.state().count} for n in memories(self.home)]
+        """Every memory with its item count; logs are not kept open for this (a listing of
+        thousands of memories costs no file descriptors), and a damaged one shows its error."""
+        return summaries(self.home)
 
     def create(self, name: str) -> dict[str, Any]:
         check_name(name)
@@ -88,9 +168,17 @@ class Service:
         return {"name": name, "items": 0}
 
     def delete(self, name: str) -> None:
+        """Delete a memory once its background updates have finished (queued ones are skipped),
+        so no update writes into a memory after it is gone."""
         handle = self._handle(name)
-        with handle.write_lock, self._lock:
-            self._handles.pop(name, None)
+        with handle.write_lock:
+            handle.deleted = True
+            for update in list(handle.pending):
+                update.cancel()
+            wait(list(handle.pending))
+            with self._lock:
+                if self._handles.get(name) is handle:
+                    del self._handles[name]
             handle.memory.close()
             delete_memory(name, home=self.home)
 
@@ -109,8 +197,12 @@ class Service:
         """
         handle = self._handle(name)
         with handle.write_lock:
+            if handle.deleted:
+                raise NoSuchMemory(f"memory {name!r} was deleted")
             written = handle.memory.write(items, update_readers=False)
-        self._updates.submit(_update_readers, handle.memory, written)
+            update = self._updates.submit(_update_readers, handle, written)
+            handle.pending.add(update)
+        update.add_done_callback(handle.pending.discard)
         return written
 
     def items(self, name: str, *, after: int = 0, limit: int = 100) -> list[Item]:
@@ -129,41 +221,74 @@ class Service:
 
     # Reads
 
+    def reader(self, name: str, backend: str = "lm", **options: Any) -> Any:
+        """The reader of memory `name` for `backend` with these options, its model or embedder
+        checked against the allowed ones first."""
+        check_bounds(options)
+        return self._handle(name).memory.reader(backend, **self.allowed.options(backend, options))
+
     def ask(self, name: str, query: str, *, backend: str = "lm", **options: Any) -> Answer:
-        reader = self._handle(name).memory.reader(backend, **options)
+        reader = self.reader(name, backend, **options)
         return self._batcher(reader, "read").submit(query)
 
     def rank(self, name: str, query: str, k: int = 5, *, backend: str = "lm", **options: Any) -> Answer:
-        reader = self._handle(name).memory.reader(backend, **options)
+        check_bounds({"k": k})
+        reader = self.reader(name, backend, **options)
         return self._batcher(reader, f"rank:{k}").submit(query)
 
     def agent(self, name: str, question: str, *, controller: str | None = None, policy: str = "m3",
               rounds: int = 5, backend: str = "lm", **options: Any) -> dict[str, Any]:  # fmt: skip
         from ..agent import Agent, check_settings
 
+        check_bounds({"rounds": rounds})
+        if controller is not None:
+            controller = self.allowed.model(controller)
         check_settings(policy, controller, rounds)  # before a reader loads its model
-        reader = self._handle(name).memory.reader(backend, **options)
+        reader = self.reader(name, backend, **options)
         return Agent(reader, controller=controller, policy=policy, rounds=rounds).run(question).to_dict()
 
     def _batcher(self, reader: Any, kind: str) -> _Batcher:
-        key = hash((id(reader), kind))
         with self._lock:
-            if key not in self._batchers:
+            kinds = self._batchers.setdefault(reader, {})
+            if kind not in kinds:
                 run = reader.read_many if kind == "read" else _ranker(reader, int(kind.split(":")[1]))
-                batched = getattr(getattr(reader, "engine", None), "can_batch", lambda: False)()
-                self._batchers[key] = _Batcher(run, window_s=BATCH_WINDOW_S if batched else 0.0)
-            return self._batchers[key]
+                engine = getattr(reader, "engine", None)
+                batched = bool(engine is not None and getattr(engine, "can_batch", lambda: False)())
+                kinds[kind] = _Batcher(run, window_s=BATCH_WINDOW_S if batched else 0.0)
+            return kinds[kind]
+
+
+def check_bounds(options: Mapping[str, Any]) -> None:
+    """Refuse a request whose `k`, `top_k`, `max_new_tokens` or `rounds` is past its bound."""
+    for key, bound in (
+        ("k", MAX_K),
+        ("top_k", MAX_K),
+        ("max_new_tokens", MAX_NEW_TOKENS),
+        ("rounds", MAX_ROUNDS),
+    ):
+        value = options.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound
+        ):
+            raise BadInput(f"{key} must be an integer from 1 to {bound}, found {value!r}")
 
 
 class _Batcher:
     """Collects the questions that reach one reader within a few milliseconds and answers them
-    with one `read_many`; a question whose batch fails is answered (or fails) on its own."""
+    with one `read_many`; a question whose batch fails is answered (or fails) on its own.
+
+    One caller at a time leads: it waits the window, takes up to `BATCH_MAX` questions in arrival
+    order and answers them. A leader stops leading once its own question is answered, and another
+    waiting caller takes over, so no caller serves others' batches for longer than it takes to
+    reach its own (each batch it serves moves it `BATCH_MAX` places up the queue).
+    """
 
     def __init__(self, run: Callable[[list[str]], list[Answer]], *, window_s: float) -> None:
         self.run = run
         self.window_s = window_s
         self._queue: list[tuple[str, Future[Answer]]] = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._busy = False
 
     def submit(self, query: str) -> Answer:
@@ -172,36 +297,45 @@ class _Batcher:
         future: Future[Answer] = Future()
         with self._lock:
             self._queue.append((query, future))
-            lead = not self._busy
-            self._busy = True
-        if lead:
-            self._drain()
+        while not future.done():
+            with self._lock:
+                self._idle.wait_for(lambda: future.done() or not self._busy)
+                if future.done():
+                    break
+                self._busy = True
+            try:
+                self._serve_one_batch()
+            finally:
+                with self._lock:
+                    self._busy = False
+                    self._idle.notify_all()
         return future.result()
 
-    def _drain(self) -> None:
-        """The thread that found the batcher idle serves batches until the queue is empty."""
-        while True:
-            time.sleep(self.window_s)
-            with self._lock:
-                batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
-                if not batch:
-                    self._busy = False
-                    return
-            try:
-                answers = self.run([q for q, _ in batch])
-            except Exception:
-                for q, f in batch:
-                    _settle(f, self.run, q)
-                continue
-            for (_, f), a in zip(batch, answers, strict=True):
-                f.set_result(a)
+    def _serve_one_batch(self) -> None:
+        time.sleep(self.window_s)
+        with self._lock:
+            batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+        if not batch:
+            return
+        try:
+            answers = self.run([q for q, _ in batch])
+        except Exception:
+            for q, f in batch:
+                _settle(f, self.run, q)
+            return
+        for (_, f), a in zip(batch, answers, strict=True):
+            f.set_result(a)
 
 
-def _update_readers(memory: Memory, written: Sequence[Item]) -> None:
+def _update_readers(handle: _Handle, written: Sequence[Item]) -> None:
+    if handle.deleted:
+        return
     try:
-        memory.update_readers(written)
+        handle.memory.update_readers(written)
     except Exception:  # the items are committed; the next read catches up instead
-        logging.getLogger("linmem").warning("updating readers of %s failed", memory.name, exc_info=True)
+        logging.getLogger("linmem").warning(
+            "updating readers of %s failed", handle.memory.name, exc_info=True
+        )
 
 
 def _settle(future: Future[Answer], run: Callable[[list[str]], list[Answer]], query: str) -> None:
@@ -249,22 +383,26 @@ def check_exposure(host: str, token: str | None) -> None:
         )
 
 
+# The most one item may take as stored (text, time, source and meta's JSON, UTF-8) over HTTP and MCP.
+MAX_ITEM_BYTES = 64 * 2**10
+
+
 def check_items(raw: list[Any], *, max_item_bytes: int | None = None) -> list[Item]:
     """Items from a request's JSON objects, every one checked before any is written; an error names
-    the first bad item by its index (and `TooLarge` one whose text is over `max_item_bytes`)."""
+    the first bad item by its index (`TooLarge` one over `max_item_bytes` as stored: `stored_bytes`)."""
     if not raw:
         raise BadInput("items is empty: give at least one item")
     items = []
     for index, obj in enumerate(raw):
         try:
-            item = item_from_dict(obj)
-            size = len(item.text.encode("utf-8"))
+            item = item_from_dict(obj)  # refuses lone surrogates, so the item encodes
         except BadInput as e:
             raise BadInput(f"items[{index}]: {e}") from None
-        except UnicodeEncodeError:
-            raise BadInput(f"items[{index}]: item text is not valid Unicode (a lone surrogate)") from None
-        if max_item_bytes is not None and size > max_item_bytes:
-            raise TooLarge(f"items[{index}]: item text is {size} bytes, over the limit of {max_item_bytes}")
+        if max_item_bytes is not None and (size := stored_bytes(item)) > max_item_bytes:
+            raise TooLarge(
+                f"items[{index}]: the item is {size} bytes as stored (text, time, source and meta), "
+                f"over the limit of {max_item_bytes}"
+            )
         items.append(item)
     return items
 

@@ -9,10 +9,14 @@ runs reads concurrently and batches questions that arrive together.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,9 +26,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import BadInput, LinmemError
+from ..itemfile import json_failure
 from .core import (
     AUTH_REQUIRED,
     DEFAULT_RAM_BUDGET,
+    MAX_ITEM_BYTES,
+    MAX_K,
+    MAX_NEW_TOKENS,
+    MAX_ROUNDS,
+    Allowed,
     NoSuchItem,
     Service,
     bearer_ok,
@@ -34,10 +44,14 @@ from .core import (
 )
 
 MAX_REQUEST_BYTES = 8 * 2**20
-MAX_ITEM_BYTES = 64 * 2**10
+
+READ_THREADS = 16
 
 STATUS = {
     "bad_name": 400,
+    "bad_host": 421,
+    "bad_origin": 403,
+    "not_allowed": 403,
     "unknown_spec": 400,
     "unauthorized": 401,
     "no_such_memory": 404,
@@ -51,8 +65,10 @@ STATUS = {
     "context_overflow": 422,
     "validation": 422,
     "internal": 500,
+    "corrupt_memory": 500,
     "engine_error": 502,
     "model_unavailable": 503,
+    "disk_full": 507,
 }
 LM_OPTIONS = ("model", "stateless", "max_new_tokens", "context_length", "overflow")
 EMBEDDING_OPTIONS = ("embedder", "top_k", "threshold")
@@ -83,14 +99,16 @@ class WriteRequest(_Body):
 
 class _ReadRequest(_Body):
     backend: Literal["lm", "embedding"] = "lm"
-    model: str | None = Field(None, description="LM spec: hf:REPO, openai:URL#MODEL, tiny:NAME")
+    model: str | None = Field(None, description="LM spec, one of those the server allows (--allow-model)")
     stateless: bool | None = None
-    max_new_tokens: int | None = Field(None, ge=1)
-    context_length: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    context_length: int | None = Field(None, ge=1, le=2**24)
     overflow: Literal["error", "window"] | None = None
-    embedder: str | None = Field(None, description="embedding spec: st:NAME, openai:URL#MODEL, hash:DIM")
-    top_k: int | None = Field(None, ge=1)
-    threshold: float | None = None
+    embedder: str | None = Field(
+        None, description="embedding spec, one of those the server allows (--allow-embedder), or hash:DIM"
+    )
+    top_k: int | None = Field(None, ge=1, le=MAX_K)
+    threshold: float | None = Field(None, allow_inf_nan=False)
 
     def options(self) -> dict[str, Any]:
         """The reader's options that were given; one meant for the other backend is refused."""
@@ -110,14 +128,16 @@ class AskRequest(_ReadRequest):
 
 class RankRequest(_ReadRequest):
     query: str = Field(min_length=1)
-    k: int = Field(5, ge=1)
+    k: int = Field(5, ge=1, le=MAX_K)
 
 
 class AgentRequest(_ReadRequest):
     question: str = Field(min_length=1)
-    controller: str | None = Field(None, description="the controller's LM spec (needed by policy m3)")
+    controller: str | None = Field(
+        None, description="the controller's LM spec (needed by policy m3), one the server allows"
+    )
     policy: Literal["m3", "single-shot"] = "m3"
-    rounds: int = Field(5, ge=1)
+    rounds: int = Field(5, ge=1, le=MAX_ROUNDS)
 
 
 def create_app(
@@ -126,9 +146,12 @@ def create_app(
     token: str | None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     max_item_bytes: int = MAX_ITEM_BYTES,
+    host: str | None = None,
 ) -> FastAPI:
     """The API over `service`. With a `token`, every route but /health needs
-    ``Authorization: Bearer <token>``."""
+    ``Authorization: Bearer <token>``. `host` is the address the server listens on: on a loopback
+    address, requests must name a loopback host (and origin, when they carry one), which keeps a
+    web page the user visits from reaching the API through DNS rebinding."""
     app = FastAPI(
         title="linmem",
         version=__version__,
@@ -141,7 +164,7 @@ def create_app(
         ],
         responses={s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 500)},
     )
-    app.add_middleware(_Guard, token=token, max_bytes=max_request_bytes)
+    app.add_middleware(_Guard, token=token, max_bytes=max_request_bytes, loopback=_is_loopback(host))
     _add_error_handlers(app)
     _memory_routes(app, service)
     _item_routes(app, service, max_item_bytes)
@@ -151,18 +174,21 @@ def create_app(
 
 def serve(
     home: str | Path | None = None,
+    *,
     host: str = "127.0.0.1",
     port: int = 8765,
     token_file: str | Path | None = None,
     ram_budget: int | None = DEFAULT_RAM_BUDGET,
+    allowed: Allowed | None = None,
 ) -> None:
     """Run the API with uvicorn until interrupted. The token comes from `token_file`, else
-    `$LINMEM_API_KEY`; without one, only a loopback `host` is allowed."""
+    `$LINMEM_API_KEY`; without one, only a loopback `host` is allowed. Requests may use only the
+    models and embedders in `allowed`."""
     token = load_token(token_file)
     check_exposure(host, token)
     import uvicorn
 
-    app = create_app(Service(home, ram_budget=ram_budget), token=token)
+    app = create_app(Service(home, ram_budget=ram_budget, allowed=allowed), token=token, host=host)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
@@ -217,18 +243,43 @@ def _item_routes(app: FastAPI, service: Service, max_item_bytes: int) -> None:
 
 
 def _read_routes(app: FastAPI, service: Service) -> None:
+    # Reads run in threads of their own, at most READ_THREADS at once: slow reads (a long prefill,
+    # a slow endpoint) then queue among themselves and never take the threads writes run in.
+    limiter: list[anyio.CapacityLimiter] = []
+
+    async def in_read_thread(call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if not limiter:
+            limiter.append(anyio.CapacityLimiter(READ_THREADS))
+        return await anyio.to_thread.run_sync(call, limiter=limiter[0])
+
     @app.post("/v1/memories/{name}/ask", tags=["reads"])
-    def ask(name: str, body: AskRequest) -> dict[str, Any]:
-        return service.ask(name, body.query, backend=body.backend, **body.options()).to_dict()
+    async def ask(name: str, body: AskRequest) -> dict[str, Any]:
+        options = body.options()
+        return await in_read_thread(
+            lambda: service.ask(name, body.query, backend=body.backend, **options).to_dict()
+        )
 
     @app.post("/v1/memories/{name}/rank", tags=["reads"])
-    def rank(name: str, body: RankRequest) -> dict[str, Any]:
-        return service.rank(name, body.query, body.k, backend=body.backend, **body.options()).to_dict()
+    async def rank(name: str, body: RankRequest) -> dict[str, Any]:
+        options = body.options()
+        return await in_read_thread(
+            lambda: service.rank(name, body.query, body.k, backend=body.backend, **options).to_dict()
+        )
 
     @app.post("/v1/memories/{name}/agent", tags=["reads"])
-    def agent(name: str, body: AgentRequest) -> dict[str, Any]:
-        return service.agent(name, body.question, controller=body.controller, policy=body.policy,
-                             rounds=body.rounds, backend=body.backend, **body.options())  # fmt: skip
+    async def agent(name: str, body: AgentRequest) -> dict[str, Any]:
+        options = body.options()
+        return await in_read_thread(
+            lambda: service.agent(
+                name,
+                body.question,
+                controller=body.controller,
+                policy=body.policy,
+                rounds=body.rounds,
+                backend=body.backend,
+                **options,
+            )  # fmt: skip
+        )
 
 
 def error_response(code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -242,6 +293,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def http_error(_: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, HTTPException)
+        if e.status_code == 400 and isinstance(e.__cause__, ValueError | RecursionError):
+            # FastAPI's json.loads failed other than on syntax (a number past Python's int-string
+            # limit, nesting past the recursion limit, bytes that are not UTF-8): the client's to fix.
+            return error_response("bad_input", f"the request body is {json_failure(e.__cause__)}")
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         response = error_response(code, str(e.detail), e.headers)
         response.status_code = e.status_code
@@ -283,10 +338,11 @@ class _Guard:
     a refused request and no oversized body is parsed.
     """
 
-    def __init__(self, app: ASGIApp, *, token: str | None, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, token: str | None, max_bytes: int, loopback: bool = False) -> None:
         self.app = app
         self.token = token.encode() if token is not None else None
         self.max_bytes = max_bytes
+        self.loopback = loopback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -302,6 +358,8 @@ class _Guard:
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         headers = dict(scope["headers"])
+        if self.loopback and (refused := _foreign(headers)) is not None:
+            return refused
         if self.token is not None and scope["path"] != "/health" and not bearer_ok(headers, self.token):
             return error_response("unauthorized", AUTH_REQUIRED, {"WWW-Authenticate": "Bearer"})
         length = headers.get(b"content-length", b"0")
@@ -330,6 +388,44 @@ class _Guard:
         return error_response(
             "too_large", f"the request body is {size} than the limit of {self.max_bytes} bytes"
         )
+
+
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _hostname(value: str) -> str:
+    """The host part of a Host header value or an origin's netloc, without port or brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _foreign(headers: Mapping[bytes, bytes]) -> JSONResponse | None:
+    """Refuse a request to a loopback server that names another host or comes from another
+    origin: a browser that resolved an attacker's name to 127.0.0.1 still sends that name."""
+    host = headers.get(b"host", b"").decode("latin-1")
+    if _hostname(host) not in _LOOPBACK_NAMES:
+        return error_response(
+            "bad_host", f"this server answers only requests to a loopback host, not {host!r}"
+        )
+    origin = headers.get(b"origin")
+    if origin is not None:
+        netloc = urlsplit(origin.decode("latin-1")).netloc
+        if _hostname(netloc) not in _LOOPBACK_NAMES:
+            return error_response(
+                "bad_origin", f"requests from origin {origin.decode('latin-1')!r} are refused"
+            )
+    return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -13,16 +13,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
-from pydantic import Field, WithJsonSchema
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp.types import (
+    INVALID_PARAMS,
+    CallToolResult,
+    ErrorData,
+    JSONRPCError,
+    JSONRPCResponse,
+    TextContent,
+    ToolAnnotations,
+)
+from pydantic import Field, ValidationError, WithJsonSchema
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from typing_extensions import TypedDict
@@ -31,7 +43,17 @@ from .. import __version__
 from ..errors import BadInput, LinmemError, UnknownSpec
 from ..readers import BACKENDS
 from ..types import Answer, Item
-from .core import AUTH_REQUIRED, Conflict, Service, bearer_ok, check_exposure, check_items, load_token
+from .core import (
+    AUTH_REQUIRED,
+    MAX_ITEM_BYTES,
+    Allowed,
+    Conflict,
+    Service,
+    bearer_ok,
+    check_exposure,
+    check_items,
+    load_token,
+)
 
 ENV_BACKEND = "LINMEM_MCP_BACKEND"
 ENV_MODEL = "LINMEM_MCP_MODEL"
@@ -222,7 +244,7 @@ def build_server(
         return backend, {"model" if backend == "lm" else "embedder": model}
 
     def memory_write(memory: MemoryArg, items: ItemsArg, create: CreateArg = True) -> WriteOut:
-        batch = check_items(items)
+        batch = check_items(items, max_item_bytes=MAX_ITEM_BYTES)  # the HTTP API's limit
         if create:
             _ensure(service, memory)
         written = service.write(memory, batch)
@@ -297,6 +319,8 @@ def run(
     *,
     backend: str | None = None,
     model: str | None = None,
+    allow_models: Sequence[str] = (),
+    allow_embedders: Sequence[str] = (),
 ) -> None:
     """Serve MCP until stopped: on stdin/stdout (`stdio`, what desktop clients launch) or as
     streamable HTTP at http://HOST:PORT/mcp (`http`). Over HTTP a bearer token (from `token_file`,
@@ -307,17 +331,83 @@ def run(
     token = load_token(token_file) if transport == "http" else None
     if transport == "http":  # before anything else, so a refused start touches nothing
         check_exposure(host, token)
+    default_backend = backend or os.environ.get(ENV_BACKEND) or DEFAULT_BACKEND
+    default_model = model or os.environ.get(ENV_MODEL) or None
+    # A call may choose only among the server's own models and embedders: the model argument comes
+    # from an LLM, which may have read anything.
+    allowed = Allowed.of(
+        default_model if default_backend == "lm" else None,
+        default_model if default_backend == "embedding" else None,
+        allow_models,
+        allow_embedders,
+    )
     server = build_server(
-        Service(home),
-        default_backend=backend or os.environ.get(ENV_BACKEND) or DEFAULT_BACKEND,
-        default_model=model or os.environ.get(ENV_MODEL) or None,
+        Service(home, allowed=allowed), default_backend=default_backend, default_model=default_model
     )
     if transport == "stdio":
-        server.run("stdio")
+        anyio.run(_serve_stdio, server)
         return
     import uvicorn
 
     uvicorn.run(http_app(server, host=host, token=token), host=host, port=port, log_level="warning")
+
+
+async def _serve_stdio(server: MCPServer) -> None:
+    """The SDK's stdio loop, except that a request line its JSON parser refuses but Python's reads
+    is answered instead of dropped (which leaves the client waiting for ever): a lone surrogate
+    escape such as "\\ud800" is valid JSON, but not text linmem can store."""
+    lowlevel = server._lowlevel_server
+    async with stdio_server() as (read, write):
+        send, receive = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+
+        async def forward() -> None:
+            async with send:
+                async for item in read:
+                    reply = _unreadable_reply(item) if isinstance(item, Exception) else None
+                    await (send.send(item) if reply is None else write.send(reply))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forward)
+            await lowlevel.run(receive, write, lowlevel.create_initialization_options())
+
+
+def _unreadable_reply(error: Exception) -> SessionMessage | None:
+    """The answer to a request the SDK could not parse but Python's json can: a tool error
+    (`bad_input: ...`) for a tool call, an invalid-params error for any other request."""
+    line = error.errors()[0].get("input") if isinstance(error, ValidationError) and error.errors() else None
+    try:
+        request = json.loads(line) if isinstance(line, str) else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(request, dict) or not isinstance(request.get("id"), int | str):
+        return None
+    where = _lone_surrogate(request.get("params"), "params")
+    what = f"bad_input: {where} is not valid Unicode (a lone surrogate)" if where else "bad_input: unreadable"
+    if request.get("method") == "tools/call":
+        result = CallToolResult(content=[TextContent(type="text", text=what)], is_error=True)
+        body = result.model_dump(by_alias=True, exclude_none=True)
+        return SessionMessage(JSONRPCResponse(jsonrpc="2.0", id=request["id"], result=body))
+    refusal = ErrorData(code=INVALID_PARAMS, message=what)
+    return SessionMessage(JSONRPCError(jsonrpc="2.0", id=request["id"], error=refusal))
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """Where in a parsed JSON value the first text that is not valid Unicode is, if anywhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if found := _lone_surrogate(key, f"{where} key") or _lone_surrogate(inner, f"{where}.{key}"):
+                return found
+    if isinstance(value, list):
+        for i, inner in enumerate(value):
+            if found := _lone_surrogate(inner, f"{where}[{i}]"):
+                return found
+    return None
 
 
 def http_app(server: MCPServer, *, host: str = DEFAULT_HOST, token: str | None = None) -> ASGIApp:

@@ -8,11 +8,10 @@ from a video, and reads such files directly (for users who have captions already
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import BadInput
-from ..itemfile import read_utf8
+from ..itemfile import jsonl_lines, parse_json, read_utf8
 from ..types import Item
 
 
@@ -63,7 +62,7 @@ def read_captions(path: str | Path, source: str) -> list[Item]:
     path = Path(path)
     content = read_utf8(path)
     items = []
-    for number, line in enumerate(content.splitlines(), start=1):
+    for number, line in jsonl_lines(content):
         if line.strip():
             try:
                 item = _parse(line, source)
@@ -76,10 +75,7 @@ def read_captions(path: str | Path, source: str) -> list[Item]:
 
 
 def _parse(line: str, source: str) -> Item:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadInput(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    obj = parse_json(line)
     if not isinstance(obj, dict):
         raise BadInput(f"expected a JSON object, found {type(obj).__name__}")
     for name in ("clip", "caption"):
