@@ -114,12 +114,12 @@ def test_a_batcher_leader_serves_only_until_its_own_question_is_answered() -> No
         batches.append((threading.get_ident(), list(queries)))
         return [Answer(q, (), "m", Tokens(None, 0, 0), Timings(0.0)) for q in queries]
 
-    batcher = _Batcher(run, window_s=0.002)
+    batcher = _Batcher(window_s=0.002)
 
     def caller(n: int) -> None:
         me = threading.get_ident()
         for i in range(n):
-            assert batcher.submit(f"{me}:{i}").text == f"{me}:{i}"
+            assert batcher.submit(f"{me}:{i}", run).text == f"{me}:{i}"
 
     threads = [threading.Thread(target=caller, args=(40,)) for _ in range(BATCH_MAX // 2)]
     for t in threads:
@@ -209,3 +209,20 @@ def test_hash_dimensions_are_bounded(service: Service) -> None:
     service.write("m", [Item("the red mug", clip=0)])
     with pytest.raises(NotAllowed, match="hash:DIM up to"):
         service.ask("m", "mug", backend="embedding", embedder="hash:4000000")
+
+
+def test_an_evicted_reader_is_freed(service: Service) -> None:
+    """Nothing the service keeps per reader (its batchers) holds the reader alive."""
+    import gc
+    import weakref
+
+    from linmem.memory import MAX_READERS
+
+    service.create("m")
+    service.write("m", [Item(c, clip=i) for i, c in enumerate(CAPTIONS)])
+    service.ask("m", "keys", backend="embedding", embedder="hash:64", threshold=0.5)
+    first = weakref.ref(service.reader("m", "embedding", embedder="hash:64", threshold=0.5))
+    for i in range(MAX_READERS + 1):
+        service.ask("m", "keys", backend="embedding", embedder="hash:64", threshold=i / 100)
+    gc.collect()
+    assert first() is None

@@ -229,12 +229,12 @@ class Service:
 
     def ask(self, name: str, query: str, *, backend: str = "lm", **options: Any) -> Answer:
         reader = self.reader(name, backend, **options)
-        return self._batcher(reader, "read").submit(query)
+        return self._batcher(reader, "read").submit(query, reader.read_many)
 
     def rank(self, name: str, query: str, k: int = 5, *, backend: str = "lm", **options: Any) -> Answer:
         check_bounds({"k": k})
         reader = self.reader(name, backend, **options)
-        return self._batcher(reader, f"rank:{k}").submit(query)
+        return self._batcher(reader, f"rank:{k}").submit(query, _ranker(reader, k))
 
     def agent(self, name: str, question: str, *, controller: str | None = None, policy: str = "m3",
               rounds: int = 5, backend: str = "lm", **options: Any) -> dict[str, Any]:  # fmt: skip
@@ -248,13 +248,14 @@ class Service:
         return Agent(reader, controller=controller, policy=policy, rounds=rounds).run(question).to_dict()
 
     def _batcher(self, reader: Any, kind: str) -> _Batcher:
+        """The batcher of one reader and kind of read. It holds no reference to the reader (the
+        caller hands in what to run), so a reader evicted from its memory is freed with it."""
         with self._lock:
             kinds = self._batchers.setdefault(reader, {})
             if kind not in kinds:
-                run = reader.read_many if kind == "read" else _ranker(reader, int(kind.split(":")[1]))
                 engine = getattr(reader, "engine", None)
                 batched = bool(engine is not None and getattr(engine, "can_batch", lambda: False)())
-                kinds[kind] = _Batcher(run, window_s=BATCH_WINDOW_S if batched else 0.0)
+                kinds[kind] = _Batcher(window_s=BATCH_WINDOW_S if batched else 0.0)
             return kinds[kind]
 
 
@@ -283,17 +284,18 @@ class _Batcher:
     reach its own (each batch it serves moves it `BATCH_MAX` places up the queue).
     """
 
-    def __init__(self, run: Callable[[list[str]], list[Answer]], *, window_s: float) -> None:
-        self.run = run
+    def __init__(self, *, window_s: float) -> None:
         self.window_s = window_s
         self._queue: list[tuple[str, Future[Answer]]] = []
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._busy = False
 
-    def submit(self, query: str) -> Answer:
+    def submit(self, query: str, run: Callable[[list[str]], list[Answer]]) -> Answer:
+        """`run([query])[0]`, answered in a batch with the questions that arrive meanwhile (every
+        caller of one batcher hands in the same reader's `run`)."""
         if self.window_s <= 0:
-            return self.run([query])[0]
+            return run([query])[0]
         future: Future[Answer] = Future()
         with self._lock:
             self._queue.append((query, future))
@@ -304,24 +306,24 @@ class _Batcher:
                     break
                 self._busy = True
             try:
-                self._serve_one_batch()
+                self._serve_one_batch(run)
             finally:
                 with self._lock:
                     self._busy = False
                     self._idle.notify_all()
         return future.result()
 
-    def _serve_one_batch(self) -> None:
+    def _serve_one_batch(self, run: Callable[[list[str]], list[Answer]]) -> None:
         time.sleep(self.window_s)
         with self._lock:
             batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
         if not batch:
             return
         try:
-            answers = self.run([q for q, _ in batch])
+            answers = run([q for q, _ in batch])
         except Exception:
             for q, f in batch:
-                _settle(f, self.run, q)
+                _settle(f, run, q)
             return
         for (_, f), a in zip(batch, answers, strict=True):
             f.set_result(a)
