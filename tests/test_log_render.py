@@ -182,3 +182,32 @@ def test_rendering_new_items_from_a_cursor_equals_full_render() -> None:
         head, cursor = render.advance(items[:cut])
         tail, _ = render.advance(items[cut:], render.Cursor.from_dict(cursor.to_dict()))
         assert head + tail == full
+
+
+def test_a_schema_1_log_gains_its_identity_and_chain_once(tmp_path) -> None:
+    """A log written by linmem before content-tied caches opens as before, gets a log id and the
+    running hash of its items, and keeps both on every later open."""
+    import sqlite3
+
+    path = tmp_path / "log.sqlite"
+    with sqlite3.connect(path) as db:  # the schema-1 layout, as earlier releases wrote it
+        db.executescript(
+            """
+            CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, clip INTEGER,
+                time TEXT, source TEXT, meta TEXT NOT NULL DEFAULT '{}', written_at REAL NOT NULL);
+            CREATE TABLE info (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            INSERT INTO info VALUES ('schema', 1), ('version', 2), ('epoch', 0);
+            INSERT INTO items (text, clip, meta, written_at) VALUES ('one', 0, '{}', 0), ('two', 1, '{}', 0);
+            """
+        )
+    log = Log(path)
+    before = log.state()
+    assert [i.text for i in log.items()] == ["one", "two"] and before.version == 2
+    log.append([Item("three", clip=2)])
+    assert log.extends(before)
+    log.close()
+    again = Log(path)
+    assert again.state().log_id == before.log_id and again.extends(before)
+    # Deleting an item the old state covered re-chains the rest: it no longer matches.
+    again.delete([1])
+    assert not again.extends(before)

@@ -287,13 +287,7 @@ class Log:
         before = db.execute(
             "SELECT chain FROM items WHERE id < ? ORDER BY id DESC LIMIT 1", (from_id,)
         ).fetchone()
-        chain = before[0] if before else _seed(self.log_id)
-        rows = db.execute(f"SELECT {_COLUMNS} FROM items WHERE id > ? ORDER BY id", (from_id,)).fetchall()
-        updates = []
-        for row in rows:
-            chain = _row_digest(chain, row)
-            updates.append((chain, row[0]))
-        db.executemany("UPDATE items SET chain = ? WHERE id = ?", updates)
+        _chain_after(db, before[0] if before else _seed(self.log_id), from_id)
 
     # Reading
 
@@ -321,12 +315,6 @@ class Log:
         """The clip ids present in the log."""
         return self._read(
             lambda db: {r[0] for r in db.execute("SELECT DISTINCT clip FROM items WHERE clip IS NOT NULL")}
-        )
-
-    def count_upto(self, last_id: int) -> int:
-        """How many items have an id <= `last_id`."""
-        return self._read(
-            lambda db: int(db.execute("SELECT COUNT(*) FROM items WHERE id <= ?", (last_id,)).fetchone()[0])
         )
 
     def state(self) -> LogState:
@@ -373,13 +361,6 @@ class Log:
             return [_item(row) for row in rows], state
 
         return self._read(read)
-
-    def chain_at(self, item_id: int) -> str | None:
-        """The running hash after item `item_id` (the seed for 0); None if there is no such item."""
-        if item_id == 0:
-            return _seed(self.log_id).hex()
-        row = self._read(lambda db: db.execute("SELECT chain FROM items WHERE id = ?", (item_id,)).fetchone())
-        return row[0].hex() if row else None
 
     def extends(self, prefix: LogState) -> bool:
         """Whether this log still holds exactly the items `prefix` was taken over, possibly
@@ -488,13 +469,7 @@ def _migrate(db: sqlite3.Connection) -> tuple[str, bytes]:
             db.executemany("INSERT OR REPLACE INTO identity VALUES (?, ?)", list(ident.items()))
         schema = db.execute("SELECT value FROM info WHERE key = 'schema'").fetchone()[0]
         if schema < SCHEMA_VERSION:
-            chain = _seed(ident["log_id"])
-            rows = db.execute(f"SELECT {_COLUMNS} FROM items ORDER BY id").fetchall()
-            updates = []
-            for row in rows:
-                chain = _row_digest(chain, row)
-                updates.append((chain, row[0]))
-            db.executemany("UPDATE items SET chain = ? WHERE id = ?", updates)
+            _chain_after(db, _seed(ident["log_id"]), 0)
             db.execute("UPDATE info SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
         elif schema > SCHEMA_VERSION:
             raise CorruptMemory(f"the log has schema {schema}; this linmem reads up to {SCHEMA_VERSION}")
@@ -504,6 +479,16 @@ def _migrate(db: sqlite3.Connection) -> tuple[str, bytes]:
             db.execute("ROLLBACK")
         raise
     return ident["log_id"], bytes.fromhex(ident["secret"])
+
+
+def _chain_after(db: sqlite3.Connection, chain: bytes, after_id: int) -> None:
+    """Store the running hash of every item after `after_id`, continuing from `chain`."""
+    rows = db.execute(f"SELECT {_COLUMNS} FROM items WHERE id > ? ORDER BY id", (after_id,)).fetchall()
+    updates = []
+    for row in rows:
+        chain = _row_digest(chain, row)
+        updates.append((chain, row[0]))
+    db.executemany("UPDATE items SET chain = ? WHERE id = ?", updates)
 
 
 def _translate(e: sqlite3.Error, path: Path) -> Exception:

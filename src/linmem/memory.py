@@ -159,8 +159,14 @@ def delete_memory(name: str, *, home: str | Path | None = None) -> None:
     """
     memory = open_memory(name, home=home)
     memory.close()
-    trash = memory.path.with_name(f".deleting-{name}-{secrets.token_hex(4)}")
-    os.rename(memory.path, trash)
+    _remove_tree(memory.path, f".deleting-{name}")
+
+
+def _remove_tree(path: Path, hidden: str) -> None:
+    """Remove a folder by first renaming it (atomically) to a hidden sibling, so nothing still
+    running can write into its place, then deleting that."""
+    trash = path.with_name(f"{hidden}-{secrets.token_hex(4)}")
+    os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -219,9 +225,7 @@ class Memory:
         would only take disk space until rebuilt). Returns how many items there were."""
         removed = self.log.clear()
         if self.cache_dir.is_dir():
-            trash = self.path / f".cleared-{secrets.token_hex(4)}"
-            os.rename(self.cache_dir, trash)  # atomically out of the way of running readers
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove_tree(self.cache_dir, ".cleared")  # out of the way of running readers at once
         return removed
 
     def state(self) -> LogState:

@@ -450,10 +450,10 @@ class SnapshotStore:
             return None, f"snapshot on disk is corrupt ({type(e).__name__}: {e})"
         position = _position(header["position"])
         marks = tuple((c["end"], c["head"]) for c in header["kv"]) + ((header["tokens"], position.head),)
-        # The cursor is what the next item's text depends on: it is rendered again from the log,
-        # never taken from the folder.
         if not log.extends(position):
             return None, "the log no longer holds the items the snapshot read"
+        # The cursor is what the next item's text depends on: it is rendered again from the log,
+        # never taken from the folder.
         prefix = [i for i in log.items() if (i.id or 0) <= position.last_id]
         cursor = render.advance(prefix)[1]
         if cursor != render.Cursor.from_dict(header["cursor"]) or len(prefix) != position.count:

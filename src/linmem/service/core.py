@@ -369,16 +369,18 @@ def load_token(token_file: str | Path | None = None) -> str | None:
     return token
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, bracketed IPv6 allowed, or "localhost") is this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def check_exposure(host: str, token: str | None) -> None:
     """Refuse to listen beyond this machine without a token: anyone who can reach the port could
     read and rewrite every memory."""
-    if token is not None:
-        return
-    try:
-        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
+    if token is None and not is_loopback(host):
         raise BadInput(
             f"refusing to serve on {host!r} without a token: set $LINMEM_API_KEY or pass --token-file, "
             "or listen on 127.0.0.1"

@@ -9,7 +9,6 @@ runs reads concurrently and batches questions that arrive together.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +39,7 @@ from .core import (
     bearer_ok,
     check_exposure,
     check_items,
+    is_loopback,
     load_token,
 )
 
@@ -164,7 +164,9 @@ def create_app(
         ],
         responses={s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 500)},
     )
-    app.add_middleware(_Guard, token=token, max_bytes=max_request_bytes, loopback=_is_loopback(host))
+    app.add_middleware(
+        _Guard, token=token, max_bytes=max_request_bytes, loopback=host is not None and is_loopback(host)
+    )
     _add_error_handlers(app)
     _memory_routes(app, service)
     _item_routes(app, service, max_item_bytes)
@@ -391,15 +393,6 @@ class _Guard:
 
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _hostname(value: str) -> str:
