@@ -160,9 +160,31 @@ def test_demo_runs_both_readers(capsys) -> None:
     assert second["cached"] > second["memory"] and second["processed"] < 64
 
 
-def test_demo_without_default_model_explains(capsys) -> None:
+def _no_local_models(monkeypatch, tmp_path) -> Path:
+    for var in ("LINMEM_MODELS", "OLLAMA_MODELS", "HF_HUB_CACHE"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
+    return tmp_path / "LINMEM_MODELS"
+
+
+def test_demo_without_default_model_explains(capsys, monkeypatch, tmp_path) -> None:
+    _no_local_models(monkeypatch, tmp_path)
     code = main(["demo"])
     out = capsys.readouterr().out
     assert code == 0
     assert "hf download Qwen/Qwen3.5-0.8B" in out and "linmem demo --model tiny:qwen3.5" in out
     assert "top drawer" in out  # the embedding reader still answered
+    assert "ollama pull" in out and "get-models" in out
+
+
+def test_demo_falls_back_to_a_local_gguf(capsys, monkeypatch, tmp_path) -> None:
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from tinygguf import build_gguf
+
+    build_gguf(_no_local_models(monkeypatch, tmp_path) / "tiny-qwen35.gguf", "qwen35")
+    code = main(["demo"])
+    out = capsys.readouterr().out
+    assert code == 0 and "using the local GGUF gguf:tiny-qwen35" in out
+    assert "== LM reader (gguf:tiny-qwen35, linear hybrid attention) ==" in out
+    assert out.count("\nA: ") == 3

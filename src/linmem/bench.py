@@ -196,11 +196,10 @@ def _one_memory(memory: Memory, arch: str, spec: str, rng: random.Random) -> tup
     }
     append = _append(memory, cached, rng, exact)
     snap = cached.store.current()
-    tensors, _ = cached.engine.cache_to_tensors(snap.cache)
     disk = cached.store.disk_bytes()
     size = {
         "memory_tokens": snap.tokens,
-        "state_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "state_bytes": cached.engine.state_bytes(snap.cache),
         "disk_bytes": disk,
     }
     return row, append, size

@@ -258,6 +258,12 @@ def _tool_commands(command: Command) -> None:
     b.add_argument(
         "--endpoint", metavar="URL#MODEL", help="time reads against a live OpenAI-compatible server"
     )
+    b.add_argument(
+        "--engine",
+        metavar="SPEC",
+        help="gguf:PATH: the llama.cpp engine against llama.cpp itself; hf:PATH: the transformers "
+        "engine against this machine's bandwidth and matmul rate (threads: $LINMEM_THREADS)",
+    )
 
     sv = command("serve", cmd_serve, "serve the HTTP API (FastAPI; OpenAPI spec at /openapi.json)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -558,6 +564,12 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.engine:
+        from .bench_llama import run_llama_bench, run_roofline
+
+        if args.engine.startswith(("hf:", "tiny:")):
+            return run_roofline(args.engine, echo=not args.json)
+        return run_llama_bench(args.engine, quick=args.quick, echo=not args.json)
     from .bench import run_bench
 
     out = args.out or Path("bench-out")

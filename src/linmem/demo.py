@@ -13,11 +13,42 @@ from .itemfile import read_items
 from .memory import delete_memory, memories, open_memory
 
 SAMPLE = "robot_day.jsonl"
+MAX_DEMO_BYTES = 4 << 30
 QUESTIONS = (
     "Where did Bob put his car keys?",
     "What did Alice cook for lunch?",
     "When does Helen's flight arrive, and who will pick her up?",
 )
+
+
+def _lm_reader(memory: Any, model: str | None, say: Any) -> Any:
+    """The LM reader for `model`; with none given, the default model when it is at hand, else
+    the largest local GGUF under MAX_DEMO_BYTES (see `linmem.engines.llama.local_models`)."""
+    candidates = [model] if model else [DEFAULT_MODEL, *_local_ggufs()]
+    error: ModelUnavailable | None = None
+    for spec in candidates:
+        try:
+            reader = memory.reader("lm", model=spec, max_new_tokens=96)
+        except ModelUnavailable as e:
+            error = error or e
+            continue
+        if error is not None:
+            say(f"\n({DEFAULT_MODEL} is not available offline here; using the local GGUF {spec})")
+        kind = getattr(reader.engine, "attention", "unknown")
+        say(f"\n== LM reader ({reader.model_id}, {kind} attention) ==")
+        return reader
+    assert error is not None
+    raise error
+
+
+def _local_ggufs() -> list[str]:
+    from .engines.llama import local_models
+
+    found = [
+        (p.stat().st_size, name) for name, p in local_models().items() if p.stat().st_size <= MAX_DEMO_BYTES
+    ]
+    # The largest that fits answers best; a 1.5B model reads the demo in about a minute on one core.
+    return [f"gguf:{name}" for _, name in sorted(found, reverse=True)]
 
 
 def sample_path() -> Path:
@@ -42,17 +73,22 @@ def run_demo(
         result["embedding"].append(a.to_dict() | {"question": q})
         say(f"\nQ: {q}\n{a.text}\n  [clips {list(a.clips)}, {a.timings.total_s:.2f} s]")
 
-    spec = model or DEFAULT_MODEL
-    say(f"\n== LM reader ({spec}) ==")
     try:
-        reader = memory.reader("lm", model=spec, max_new_tokens=96)
+        reader = _lm_reader(memory, model, say)
     except ModelUnavailable as e:
         say(f"\nThe LM reader is not available here: {e}\n")
-        say("The embedding reader answered above. To run the LM reader's whole pipeline with a")
-        say("random-weights model (noise answers; real prefill, snapshots and timings):")
+        say("The embedding reader answered above. To get a real model for the LM reader:")
+        repo = DEFAULT_MODEL.removeprefix("hf:")
+        say(f"  hf download {repo}      (a linear hybrid; on a machine with internet)")
+        say("  ollama pull qwen2.5:1.5b                  (then: linmem demo --model gguf:qwen2.5:1.5b)")
+        say("  ../shared/models/get-models               (offline GGUFs, where that folder exists)")
+        say("A GGUF model needs llama.cpp: pip install 'linmem[gguf]'. To run the LM reader's whole")
+        say("pipeline with a random-weights model (noise answers; real prefill, snapshots and timings):")
         say("  linmem demo --model tiny:qwen3.5")
         result["lm_error"] = str(e)
         return result
+    result["model"] = reader.model_id
+    result["attention"] = getattr(reader.engine, "attention", None)
     for q in QUESTIONS:
         try:
             a = reader.read(q)

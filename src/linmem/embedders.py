@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import sys
 import threading
@@ -26,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from . import _spec
 from ._registry import Registry
 from .errors import EngineError, ModelUnavailable, UnknownSpec
 
@@ -33,11 +33,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "st:all-MiniLM-L6-v2"
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-SPEC_FORMS = (
-    "minilm (the default, st:all-MiniLM-L6-v2)",
-    "st:NAME_OR_PATH",
-    "openai:http://host:port/v1#MODEL",
-    "hash[:DIM]",
+FORMS = _spec.Forms(
+    "embedder",
+    {"st": "st:NAME_OR_PATH", "openai": "openai:http://host:port/v1#MODEL", "hash": "hash[:DIM]"},
+    bare=("minilm (the default, st:all-MiniLM-L6-v2)",),
 )
 
 
@@ -182,23 +181,31 @@ class OpenAIEmbedder:
     their length, which keeps sums exact. `count_tokens` answers for texts this object has
     embedded recently and gives 0 (unknown) otherwise, or when the server reports no usage.
     `dim` is learned from the first response, with a one-text probe if it is asked for first.
+    `api_key`, `retries` and `backoff_s` are those of `linmem._http.OpenAIClient`.
     """
 
     batch_size = 256
     _remembered_counts = 65536
 
     def __init__(
-        self, base_url: str, model: str, api_key: str | None = None, *, timeout_s: float = 120.0
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 120.0,
+        retries: int = 2,
+        backoff_s: float = 0.5,
     ) -> None:
-        import httpx
+        from ._http import OpenAIClient  # httpx is imported only by those who call a server
 
-        self.base_url = base_url.rstrip("/")
+        self.base_url = _spec.base_url(base_url)
         self.model = model
         self.id = f"openai:{self.base_url}#{model}"
         self.url = f"{self.base_url}/embeddings"
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(timeout=timeout_s, headers=headers)
+        self._http = OpenAIClient(
+            self.base_url, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s
+        )
         self._dim: int | None = None
         self._counts: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
@@ -224,7 +231,7 @@ class OpenAIEmbedder:
             return [self._counts.get(t, 0) for t in texts]
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         body = self._post({"model": self.model, "input": texts, "encoding_format": "float"})
@@ -243,12 +250,7 @@ class OpenAIEmbedder:
         return normalise_rows(vectors)
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
-        try:
-            response = self._client.post(self.url, json=payload)
-        except httpx.HTTPError as e:
-            raise EngineError(f"embedding request to {self.url} failed: {type(e).__name__}: {e}") from None
+        response = self._http.post_json(self.url, payload).response
         if response.status_code >= 400:
             raise EngineError(
                 f"embedding request to {self.url} returned HTTP {response.status_code}: {response.text[:300]}"
@@ -327,13 +329,12 @@ def canonical_spec(spec: str | None) -> str:
     """One spelling per embedder, so that aliases share the loaded model."""
     if spec is None or spec.strip() in ("", "minilm"):
         return DEFAULT_EMBEDDER
-    spec = spec.strip()
-    scheme, _, rest = spec.partition(":")
-    if scheme == "st" and rest in _MINILM_NAMES:
+    parsed = _spec.split(spec)
+    if parsed.scheme == "st" and parsed.target in _MINILM_NAMES:
         return DEFAULT_EMBEDDER
-    if scheme == "hash" and not rest:
+    if parsed.scheme == "hash" and not parsed.target:
         return "hash:256"
-    return spec
+    return spec.strip()
 
 
 class MemoEmbedder:
@@ -390,16 +391,19 @@ class MemoEmbedder:
 
 
 def _build(spec: str) -> Embedder:
-    scheme, _, rest = spec.partition(":")
-    if scheme == "st" and rest:
-        return SentenceTransformerEmbedder(rest)
-    if scheme == "openai":
-        url, _, model = rest.rpartition("#")
-        if url.startswith(("http://", "https://")) and model:
-            return OpenAIEmbedder(url, model)
-    if scheme == "hash" and rest.isdigit():
-        return HashEmbedder(int(rest))
-    raise UnknownSpec(f"unknown embedder {spec!r}: expected one of {', '.join(SPEC_FORMS)}")
+    parsed = FORMS.parse(spec)
+    if parsed.scheme == "st":
+        return SentenceTransformerEmbedder(parsed.target)
+    if parsed.scheme == "openai":
+        # A bad endpoint is refused with every form an embedder spec may take, not just this one.
+        url, model = _spec.endpoint(
+            parsed.target, need_model=True, refuse=lambda why: FORMS.refuse(spec, why)
+        )
+        assert model is not None  # need_model guarantees one
+        return OpenAIEmbedder(url, model)
+    if not parsed.target.isdigit():
+        raise FORMS.refuse(spec, "hash:DIM needs a whole number of dimensions")
+    return HashEmbedder(int(parsed.target))
 
 
 __all__ = [

@@ -57,7 +57,7 @@ from . import render
 from .errors import ContextOverflow
 from .log import Log, LogState
 
-FORMAT = 3
+FORMAT = 4
 MAX_CHUNKS = 32
 # A header is a few kB; anything much larger is not ours.
 MAX_HEADER_BYTES = 4 * 2**20
@@ -224,8 +224,7 @@ class SnapshotStore:
             self._stems = {text: (None, None, ids) for text, (_, _, ids) in self._stems.items()}
 
     def nbytes(self, snap: Snapshot) -> int:
-        tensors, _ = self.engine.cache_to_tensors(snap.cache)
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        return int(self.engine.state_bytes(snap.cache))
 
     def disk_bytes(self) -> int:
         """Bytes of this store's folder on disk."""
@@ -311,9 +310,6 @@ class SnapshotStore:
     # Disk
 
     def _identity(self) -> dict[str, Any]:
-        import torch
-        import transformers
-
         return {
             "format": FORMAT,
             "model": self.engine.id,
@@ -321,8 +317,7 @@ class SnapshotStore:
             "fingerprint": self.engine.fingerprint,
             "head_sha256": self._head_sha,
             "layout": render.LAYOUT_VERSION,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
+            "versions": dict(self.engine.versions),
         }
 
     def _save(self, log: Log, snap: Snapshot) -> None:
@@ -472,8 +467,7 @@ class SnapshotStore:
                 raise ValueError("an attention chunk holds other tensors than the header lists")
         for key in growing:
             tensors[key] = torch.cat([c[key] for c in chunks], dim=-2) if len(chunks) > 1 else chunks[0][key]
-        _check_tensors(tensors, header, _template(self.engine))
-        return self.engine.cache_from_tensors(tensors, header["cache"])
+        return self.engine.cache_from_tensors(tensors, header["cache"], header["tokens"])
 
 
 # Header and tensor checks
@@ -483,8 +477,10 @@ def _check_header(h: dict[str, Any]) -> None:
     """Raise ValueError unless `h` has exactly the shape `_save_locked` writes."""
     for key, kind in (("format", int), ("layout", int), ("tokens", int)):
         _want(h.get(key), kind, key)
-    for key in ("model", "config_sha256", "fingerprint", "head_sha256", "transformers", "torch"):
+    for key in ("model", "config_sha256", "fingerprint", "head_sha256"):
         _want(h.get(key), str, key)
+    for name, version in _want(h.get("versions"), dict, "versions").items():
+        _want(version, str, f"versions.{name}")
     _position(h.get("position"))
     render.Cursor.from_dict(_want(h.get("cursor"), dict, "cursor"))
     cache = _want(h.get("cache"), dict, "cache")
@@ -540,57 +536,6 @@ def _position(d: Any) -> LogState:
     )
     log_id, head = _hex(d.get("log_id"), 32, "position.log_id"), _hex(d.get("head"), 64, "position.head")
     return LogState(version, epoch, last_id, count, log_id, head)
-
-
-def _check_tensors(
-    tensors: dict[str, Any], header: dict[str, Any], template: tuple[dict[str, Any], dict[str, Any]]
-) -> None:
-    """Every tensor the model's own cache has, with its dtype and shape (attention rows as many
-    as the header's tokens), finite, and the layers' layout the same as the model's."""
-    import torch
-
-    shapes, meta = template
-    if _signature(header["cache"]) != _signature(meta) or set(header["cache"]["growing"]) != set(
-        meta["growing"]
-    ):
-        raise ValueError("the snapshot's cache layout is not this model's")
-    if set(tensors) != set(shapes):
-        raise ValueError("the snapshot holds other tensors than this model's cache")
-    growing = set(meta["growing"])
-    for key, t in tensors.items():
-        dtype, shape = shapes[key]
-        want = (*shape[:-2], header["tokens"], shape[-1]) if key in growing else shape
-        if t.dtype != dtype or tuple(t.shape) != want:
-            raise ValueError(f"tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {want}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"tensor {key} holds values that are not finite")
-
-
-def _signature(value: Any) -> Any:
-    """A cache layout with the plain values replaced by their types: what must match a model's."""
-    if isinstance(value, dict):
-        if set(value) == {"value"}:
-            return ("value", type(value["value"]).__name__)
-        return {k: _signature(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_signature(v) for v in value]
-    return value
-
-
-_TEMPLATES: weakref.WeakKeyDictionary[Any, tuple[dict[str, Any], dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _template(engine: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(dtype and shape of every tensor, layout) of the model's cache after one token: what a
-    loaded snapshot is checked against. Computed once per engine."""
-    if engine not in _TEMPLATES:
-        cache = engine.new_cache()
-        engine.advance(cache, [0])
-        tensors, meta = engine.cache_to_tensors(cache)
-        _TEMPLATES[engine] = ({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, meta)
-    return _TEMPLATES[engine]
 
 
 # Files

@@ -5,6 +5,7 @@ Specs:
 - ``hf:Qwen/Qwen3.5-0.8B`` or ``hf:/path/to/dir``: a local transformers causal LM (state snapshots);
 - ``openai:http://127.0.0.1:8000/v1#model-name``: any OpenAI-compatible chat endpoint
   (vLLM, SGLang, OpenAI), with the memory as a byte-identical prompt prefix;
+- ``gguf:/path/to/model.gguf`` or ``gguf:NAME``: a GGUF model run in process by llama.cpp;
 - ``tiny:kimi-linear``, ``tiny:qwen3.5``, ``tiny:qwen3``: tiny random-weights models of real
   architectures, for tests and smoke runs.
 """
@@ -13,12 +14,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import _spec
 from .._registry import Registry
-from ..errors import UnknownSpec
-from .base import Engine, Generation, Prompt
+from .base import BatchedEngine, Engine, Generation, Prompt, StatefulEngine
 
 DEFAULT_MODEL = "hf:Qwen/Qwen3.5-0.8B"
-SCHEMES = ("hf", "openai", "tiny")
+FORMS = _spec.Forms(
+    "model spec",
+    {
+        "hf": "hf:REPO_OR_PATH",
+        "openai": "openai:URL#MODEL",
+        "gguf": "gguf:PATH_OR_NAME",
+        "tiny": "tiny:NAME",
+    },
+    examples=("hf:Qwen/Qwen3.5-0.8B", "openai:http://127.0.0.1:8000/v1#my-model", "tiny:qwen3.5"),
+)
+SCHEMES = tuple(FORMS.kinds)
 
 # Loaded once per spec; a slow load (a download, an endpoint slow to list its models) never holds
 # up another spec's lookup.
@@ -27,28 +38,35 @@ _loaded: Registry[str, Any] = Registry()
 
 def load_engine(spec: str | None = None) -> Any:
     """The engine for `spec` (default: DEFAULT_MODEL), loaded on first use and shared afterwards."""
-    spec = spec or DEFAULT_MODEL
-    scheme, sep, target = spec.partition(":")
-    if not sep or scheme not in SCHEMES or not target:
-        raise UnknownSpec(
-            f"unknown model spec {spec!r}: expected hf:REPO_OR_PATH, openai:URL#MODEL or "
-            "tiny:NAME (e.g. hf:Qwen/Qwen3.5-0.8B, openai:http://127.0.0.1:8000/v1#my-model, tiny:qwen3.5)"
-        )
-    return _loaded.get(spec, lambda: _load(scheme, target))
+    parsed = FORMS.parse(spec or DEFAULT_MODEL)
+    return _loaded.get(str(parsed), lambda: _load(parsed))
 
 
-def _load(scheme: str, target: str) -> Any:
-    if scheme == "tiny":
+def _load(spec: _spec.Spec) -> Any:
+    # Each backend is imported only when named: torch, llama.cpp and httpx are heavy or optional.
+    if spec.scheme == "tiny":
         from .hf import load_tiny
 
-        return load_tiny(target)
-    if scheme == "hf":
+        return load_tiny(spec.target)
+    if spec.scheme == "hf":
         from .hf import load_pretrained
 
-        return load_pretrained(target)
+        return load_pretrained(spec.target)
+    if spec.scheme == "gguf":
+        from .llama import load_gguf
+
+        return load_gguf(spec.target)
     from .openai import OpenAIEngine
 
-    return OpenAIEngine.from_spec(target)
+    return OpenAIEngine.from_spec(spec.target)
 
 
-__all__ = ["DEFAULT_MODEL", "Engine", "Generation", "Prompt", "load_engine"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "BatchedEngine",
+    "Engine",
+    "Generation",
+    "Prompt",
+    "StatefulEngine",
+    "load_engine",
+]

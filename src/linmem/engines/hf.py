@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import BadInput, ContextOverflow, ModelUnavailable
-from .base import Generation, Prompt, strip_think
+from .base import Generation, Prompt, split_template, strip_think, threads
 
 # transformers routes linear-attention kernels to fla / causal-conv1d / mamba-ssm whenever they are
 # importable, and those are GPU-only (Triton): on a CPU-only machine a forward pass then fails.
@@ -49,11 +50,10 @@ MIN_CHUNK = 128
 # What one batch of reads may hold in model caches (each row carries its own copy of the memory's
 # attention keys and values); the reader splits larger batches.
 BATCH_BYTES = 2 << 30
-_MEMORY = "\ue000linmem-memory\ue000"
-_QUERY = "\ue000linmem-query\ue000"
 
 
-def _device() -> str:
+def torch_device() -> str:
+    """The device local torch models run on: $LINMEM_DEVICE, else CUDA when present, else the CPU."""
     import torch
 
     want = os.environ.get("LINMEM_DEVICE")
@@ -62,10 +62,14 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _guard_gpu_only_packages(device: str) -> None:
+def prepare_torch(device: str) -> None:
     """On the CPU: hide the GPU-only kernel packages from transformers, and put linmem's exact
     CPU delta-rule kernels in place of transformers' reference fallbacks (linmem.kernels)."""
     if device.startswith("cpu"):
+        import torch
+
+        # One setting for the process (torch has no other): LINMEM_THREADS, else half the cores.
+        torch.set_num_threads(threads())
         for name in _GPU_ONLY:
             if name not in sys.modules:
                 sys.modules[name] = None  # type: ignore[assignment]
@@ -99,6 +103,10 @@ class HFEngine:
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.stop_ids = _stop_ids(model, tokenizer)
+        import torch
+        import transformers
+
+        self.versions = {"transformers": transformers.__version__, "torch": torch.__version__}
         self._compute = threading.Lock()
         self._split_cache: dict[tuple[str, str, str, str], tuple[str, str]] = {}
 
@@ -108,6 +116,14 @@ class HFEngine:
         with self._compute:
             return self.model(x, **kwargs)
 
+    @property
+    def attention(self) -> str:
+        """ "linear hybrid", "linear" or "softmax": what kind of state the model keeps."""
+        from transformers.cache_utils import LinearAttentionLayer
+
+        kinds = {type(layer) is LinearAttentionLayer for layer in self.new_cache().layers}
+        return "linear hybrid" if kinds == {True, False} else "linear" if kinds == {True} else "softmax"
+
     # Prompt -> ids
 
     def split(self, prompt: Prompt) -> tuple[str, str]:
@@ -115,20 +131,10 @@ class HFEngine:
         tail from the query to the generation prompt)."""
         key = (prompt.system, prompt.intro, prompt.stem, prompt.query)
         if key not in self._split_cache:
-            messages = [
-                {"role": "system", "content": prompt.system},
-                {"role": "user", "content": prompt.intro + _MEMORY + prompt.stem + _QUERY + prompt.query},
-            ]
-            text = _apply_template(self.tokenizer, messages)
-            if text.count(_MEMORY) != 1 or text.count(_QUERY) != 1:
-                raise ModelUnavailable(f"{self.id}: its chat template does not keep the user message intact")
-            head, rest = text.split(_MEMORY)
-            stem, tail = rest.split(_QUERY)
-            if stem != prompt.stem:
-                raise ModelUnavailable(f"{self.id}: its chat template rewrites the user message")
+            parts = split_template(lambda m: _apply_template(self.tokenizer, m), prompt, self.id)
             if len(self._split_cache) > 256:
                 self._split_cache.clear()
-            self._split_cache[key] = (head, tail)
+            self._split_cache[key] = parts
         return self._split_cache[key]
 
     def encode(self, text: str, *, specials: bool = True) -> list[int]:
@@ -460,9 +466,14 @@ class HFEngine:
         growing = [f"{i}.{name}" for i, layer in enumerate(cache.layers) for name in _append_only(layer)]
         return tensors, {"layers": layers, "growing": [k for k in growing if k in tensors]}
 
-    def cache_from_tensors(self, tensors: dict[str, Any], meta: dict[str, Any]) -> Any:
+    def state_bytes(self, cache: Any) -> int:
+        tensors, _ = self.cache_to_tensors(cache)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def cache_from_tensors(self, tensors: dict[str, Any], meta: dict[str, Any], tokens: int) -> Any:
         import torch
 
+        _check_tensors(tensors, meta, tokens, _template(self))
         cache = self.new_cache()
         if len(cache.layers) != len(meta["layers"]):
             raise ValueError("snapshot layer count does not match the model")
@@ -609,6 +620,58 @@ def _decode(value: Any, tensors: dict[str, Any], torch: Any, device: Any) -> Any
     raise ValueError(f"bad cache attribute {str(value)[:80]}")
 
 
+def _check_tensors(
+    tensors: dict[str, Any],
+    layout: dict[str, Any],
+    tokens: int,
+    template: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    """Every tensor the model's own cache has, with its dtype and shape (attention rows as many
+    as the header's tokens), finite, and the layers' layout the same as the model's."""
+    import torch
+
+    shapes, meta = template
+    if _signature(layout) != _signature(meta) or set(layout["growing"]) != set(meta["growing"]):
+        raise ValueError("the snapshot's cache layout is not this model's")
+    if set(tensors) != set(shapes):
+        raise ValueError("the snapshot holds other tensors than this model's cache")
+    growing = set(meta["growing"])
+    for key, t in tensors.items():
+        dtype, shape = shapes[key]
+        want = (*shape[:-2], tokens, shape[-1]) if key in growing else shape
+        if t.dtype != dtype or tuple(t.shape) != want:
+            raise ValueError(f"tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {want}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {key} holds values that are not finite")
+
+
+def _signature(value: Any) -> Any:
+    """A cache layout with the plain values replaced by their types: what must match a model's."""
+    if isinstance(value, dict):
+        if set(value) == {"value"}:
+            return ("value", type(value["value"]).__name__)
+        return {k: _signature(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_signature(v) for v in value]
+    return value
+
+
+_TEMPLATES: weakref.WeakKeyDictionary[Any, tuple[dict[str, Any], dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _template(engine: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(dtype and shape of every tensor, layout) of the model's cache after one token: what a
+    loaded snapshot is checked against. Computed once per engine."""
+    if engine not in _TEMPLATES:
+        cache = engine.new_cache()
+        engine.advance(cache, [0])
+        tensors, meta = engine.cache_to_tensors(cache)
+        _TEMPLATES[engine] = ({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, meta)
+    return _TEMPLATES[engine]
+
+
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     if getattr(tokenizer, "chat_template", None):
         try:
@@ -653,10 +716,10 @@ def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
 def load_tiny(name: str) -> HFEngine:
     from . import tiny
 
-    _guard_gpu_only_packages(_device())
+    prepare_torch(torch_device())
     model, tokenizer = tiny.build(name)
     fingerprint = _fingerprint(model.config, "tiny", name, str(tiny.SEED), tiny.weights_hash(model))
-    model.to(_device())
+    model.to(torch_device())
     return HFEngine(model, tokenizer, id=f"tiny:{name}", fingerprint=fingerprint, label="random weights")
 
 
@@ -685,8 +748,8 @@ def load_parts(target: str, model_class: Any, *extra_classes: Any, hint: str) ->
     Prefers local files; goes to the hub only when the model is not cached and the hub answers,
     and otherwise says exactly how to get the model (ending with `hint`) instead of retrying for
     a minute."""
-    device = _device()
-    _guard_gpu_only_packages(device)
+    device = torch_device()
+    prepare_torch(device)
     import torch
     from transformers import AutoTokenizer
 

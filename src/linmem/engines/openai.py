@@ -23,26 +23,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
-from ..errors import BadInput, ContextOverflow, EngineError, ModelUnavailable, UnknownSpec
+from .. import _spec
+from .._http import OpenAIClient
+from ..errors import BadInput, ContextOverflow, EngineError, ModelUnavailable
 from .base import Generation, Prompt, strip_think
 
 log = logging.getLogger(__name__)
 
-SPEC_EXAMPLE = "openai:http://127.0.0.1:8000/v1#moonshotai/Kimi-Linear-48B-A3B-Instruct"
+SPEC_EXAMPLE = _spec.ENDPOINT_EXAMPLE
 
 _COUNT_CACHE_SIZE = 1024
-_MAX_RETRY_AFTER_S = 30.0
 
 # How servers say "the prompt does not fit": vLLM, SGLang, OpenAI, llama.cpp, Together, xAI.
 _OVERFLOW = re.compile(
@@ -87,7 +85,7 @@ class OpenAIEngine:
     retried `retries` times with exponential backoff from `backoff_s`; a timed-out request is not,
     since the server may still be working on it. Constructing the engine asks ``GET /models`` once
     for the model (when none is given) and its ``max_model_len`` (when `context_length` is not given).
-    One `httpx.Client` serves every thread.
+    One `OpenAIClient` (see linmem._http) serves every thread.
     """
 
     def __init__(
@@ -101,14 +99,11 @@ class OpenAIEngine:
         retries: int = 2,
         backoff_s: float = 0.5,
     ) -> None:
-        self.base_url = _check_url(base_url)
+        self.base_url = _spec.base_url(base_url)
         self.server_root = self.base_url.removesuffix("/v1")
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0))
-        self._timeout_s = timeout_s
-        self._retries = retries
-        self._backoff_s = backoff_s
+        self._http = OpenAIClient(
+            self.base_url, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s
+        )
         self._count_lock = threading.Lock()
         self._counts: OrderedDict[str, int] = OrderedDict()
         self._tokenize_ok: bool | None = None
@@ -128,8 +123,8 @@ class OpenAIEngine:
     @classmethod
     def from_spec(cls, target: str, **options: Any) -> OpenAIEngine:
         """Build from what follows ``openai:`` in a model spec: ``URL`` or ``URL#MODEL``."""
-        url, _, model = target.strip().partition("#")
-        return cls(url, model.strip() or None, **options)
+        url, model = _spec.endpoint(target, need_model=False)
+        return cls(url, model, **options)
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int) -> Generation:
         gen = self._complete(prompt.messages(), max_new_tokens, temperature=0)
@@ -162,7 +157,7 @@ class OpenAIEngine:
         }
         if seed is not None:
             body["seed"] = seed
-        resp, seconds = self._send("POST", url, body)
+        resp, seconds = self._http.post_json(url, body)
         if resp.is_error:
             raise self._chat_error(resp, url, max_new_tokens)
         data = _json(resp, url)
@@ -199,7 +194,7 @@ class OpenAIEngine:
         return total
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
     def __enter__(self) -> OpenAIEngine:
         return self
@@ -229,7 +224,7 @@ class OpenAIEngine:
         url = f"{self.server_root}/tokenize"
         body = {"model": self.model, "prompt": text, "add_special_tokens": False}
         try:
-            resp, _ = self._send("POST", url, body)
+            resp, _ = self._http.post_json(url, body)
         except EngineError as e:  # unreachable now; /tokenize may still exist, so try again next time
             log.warning("token count unavailable: %s", e)
             return None
@@ -257,7 +252,7 @@ class OpenAIEngine:
         """The entries of ``GET /models``; with `strict` False a failure gives [] after one try."""
         url = f"{self.base_url}/models"
         try:
-            resp, _ = self._send("GET", url, None, retries=self._retries if strict else 0)
+            resp, _ = self._http.get_json(url, retries=None if strict else 0)
             if resp.is_error:
                 raise _http_error("GET", url, resp)
             data = _json(resp, url).get("data")
@@ -268,37 +263,6 @@ class OpenAIEngine:
             if strict:
                 raise
             return []
-
-    def _send(
-        self, method: str, url: str, body: dict[str, Any] | None, *, retries: int | None = None
-    ) -> tuple[httpx.Response, float]:
-        """The server's last answer and the seconds it took; EngineError when none came."""
-        retries = self._retries if retries is None else retries
-        for attempt in range(retries + 1):
-            wait = self._backoff_s * 2**attempt
-            start = time.perf_counter()
-            try:
-                resp = self._client.request(method, url, json=body)
-            except httpx.TimeoutException as e:
-                if not isinstance(e, httpx.ConnectTimeout | httpx.PoolTimeout):
-                    raise EngineError(
-                        f"{method} {url}: no answer within {self._timeout_s:g}s ({type(e).__name__}); "
-                        "a long prefill may need a larger timeout_s"
-                    ) from e
-                if attempt == retries:
-                    raise EngineError(f"{method} {url}: cannot connect ({type(e).__name__}: {e})") from e
-            except httpx.TransportError as e:
-                if attempt == retries:
-                    raise EngineError(
-                        f"{method} {url}: cannot reach the server ({type(e).__name__}: {e}); is it running?"
-                    ) from e
-            else:
-                seconds = time.perf_counter() - start
-                if attempt == retries or not (resp.status_code == 429 or resp.status_code >= 500):
-                    return resp, seconds
-                wait = max(wait, _retry_after(resp))
-            time.sleep(wait)
-        raise AssertionError("unreachable")
 
     def _chat_error(self, resp: httpx.Response, url: str, max_new_tokens: int) -> Exception:
         message, fields = _server_message(resp)
@@ -314,21 +278,6 @@ class OpenAIEngine:
             needed=needed,
             limit=limit,
         )
-
-
-def _check_url(url: str) -> str:
-    url = url.strip().rstrip("/")
-    try:
-        parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
-    except ValueError:
-        ok = False
-    if not ok:
-        raise UnknownSpec(
-            f"bad OpenAI-compatible endpoint {url!r}: expected an http(s) base URL, "
-            f"optionally with #MODEL, e.g. {SPEC_EXAMPLE}"
-        )
-    return url
 
 
 def _json(resp: httpx.Response, url: str) -> dict[str, Any]:
@@ -387,10 +336,3 @@ def _as_int(value: Any) -> int | None:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
-
-
-def _retry_after(resp: httpx.Response) -> float:
-    try:
-        return min(float(resp.headers.get("Retry-After", 0)), _MAX_RETRY_AFTER_S)
-    except ValueError:
-        return 0.0

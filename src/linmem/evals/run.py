@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..engines.base import StatefulEngine
 from ..errors import BadInput, ContextOverflow, EmptyMemory, EngineError
 from ..journal import Appender
 from ..memory import Memory, open_memory
@@ -323,14 +324,13 @@ def tokens_under_budget(engine: Any, budget_bytes: float) -> int:
     A cache costs a constant (linear-attention states) plus a per-token amount (attention keys
     and values); both are measured on this model, so the cap is the model's own, not a guess.
     """
-    if not hasattr(engine, "cache_to_tensors"):
-        raise BadInput(f"{engine.id}: memory_budget_mb needs a local model (hf: or tiny:)")
+    if not isinstance(engine, StatefulEngine):
+        raise BadInput(f"{engine.id}: memory_budget_mb needs a local model (hf:, gguf: or tiny:)")
     sizes = []
     for n in (96, 224):
         cache = engine.new_cache()
-        engine.advance(cache, [engine.stop_ids and min(engine.stop_ids) or 0] * n)
-        tensors, _ = engine.cache_to_tensors(cache)
-        sizes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        engine.advance(cache, [0] * n)
+        sizes.append(engine.state_bytes(cache))
     per_token = (sizes[1] - sizes[0]) / 128
     constant = sizes[0] - 96 * per_token
     limit = engine.context_length or 10**9

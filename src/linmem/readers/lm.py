@@ -11,7 +11,10 @@ ContextOverflow; with `overflow="window"` the memory is read in consecutive wind
 answer the question, and a last call combines their answers.
 
 `read_many` and `rank_many` answer several questions from one snapshot in one batch (see
-`HFEngine.advance_rows`), with the answers `read` and `rank` give one by one.
+`BatchedEngine.advance_rows`), with the answers `read` and `rank` give one by one.
+
+The reader picks its path by what the engine can do: a `StatefulEngine` (transformers, llama.cpp)
+is read from snapshots, a `BatchedEngine` also in batches, any other `Engine` by prompt prefix.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ from typing import Any
 
 from .. import prompts, render
 from ..engines import load_engine
-from ..engines.base import Generation, Prompt
-from ..engines.hf import HFEngine
+from ..engines.base import BatchedEngine, Generation, Prompt, StatefulEngine
 from ..errors import ContextOverflow, EmptyMemory, EngineError, LinmemError
 from ..state import SnapshotStore
 from ..types import Answer, Item, Timings, Tokens
@@ -51,12 +53,12 @@ class LMReader:
             raise LinmemError(f"overflow must be one of {', '.join(OVERFLOW_MODES)}, found {overflow!r}")
         self.memory = memory
         self.engine = load_engine(model)
-        self.stateless = stateless or not isinstance(self.engine, HFEngine)
+        self.stateless = stateless or not isinstance(self.engine, StatefulEngine)
         self.max_new_tokens = max_new_tokens
         self.overflow = overflow
         self._cap = context_length
         self._store: SnapshotStore | None = None
-        if isinstance(self.engine, HFEngine):
+        if isinstance(self.engine, StatefulEngine):
             head, _ = self.engine.split(prompts.read_prompt([], ""))
             # Shared by every reader of this memory and model in the process, with its stems.
             self._store = SnapshotStore.shared(self.engine, memory.cache_dir / "state", head, persist=persist)
@@ -144,7 +146,7 @@ class LMReader:
             return []
         if self.memory.log.state().count == 0:
             raise EmptyMemory(f"memory {self.memory.name!r} is empty: write items first (linmem write)")
-        if not self.stateless and isinstance(self.engine, HFEngine) and self.engine.can_batch():
+        if not self.stateless and isinstance(self.engine, BatchedEngine) and self.engine.can_batch():
             try:
                 batched = self._many_from_snapshot(asks, max_new)
             except ContextOverflow:
@@ -172,7 +174,7 @@ class LMReader:
         (tokens generated, plus the step that picked its end), and what is left of the call's
         wall time equally, so the answers' `total_s` add up to the call's."""
         engine, store = self.engine, self._store
-        assert isinstance(engine, HFEngine) and store is not None
+        assert isinstance(engine, BatchedEngine) and store is not None
         t0 = time.perf_counter()
         prompts_ = [ask.prompt([]) for ask in asks]
         stem = engine.stem_ids(prompts_[0])
@@ -240,7 +242,7 @@ class LMReader:
 
     def _from_snapshot(self, prompt: Prompt, max_new: int) -> tuple[Generation, list[str]]:
         engine, store = self.engine, self._store
-        assert store is not None
+        assert isinstance(engine, StatefulEngine) and store is not None
         stem, tail = engine.stem_ids(prompt), engine.tail_ids(prompt)
         budget = self._memory_budget(len(stem) + len(tail), max_new)
         if budget is not None and budget < len(engine.encode(store.head)):
@@ -277,7 +279,7 @@ class LMReader:
         """Each tail's tokens generated on top of `base`, and its shares of the prompt and decoding
         seconds, in batches as large as the engine's byte budget allows."""
         engine = self.engine
-        assert isinstance(engine, HFEngine)
+        assert isinstance(engine, BatchedEngine)
         # Similar lengths batch together: fewer prompt phases and less padding.
         order = sorted(range(len(tails)), key=lambda i: len(tails[i]))
         size = engine.batch_size(base, max(len(t) for t in tails) + max_new)
@@ -347,7 +349,7 @@ class LMReader:
 
     def _segment_tokens(self, prompt: Prompt) -> tuple[list[int], int]:
         """Tokens per memory segment, and tokens of the rest of the prompt."""
-        if isinstance(self.engine, HFEngine):
+        if isinstance(self.engine, StatefulEngine):
             head, segs = self.engine.memory_ids(prompt)
             fixed = len(head) + len(self.engine.stem_ids(prompt)) + len(self.engine.tail_ids(prompt))
             return [len(s) for s in segs], fixed

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._spec import split as split_spec
 from ..embedders import DEFAULT_EMBEDDER, canonical_spec
 from ..engines import DEFAULT_MODEL
+from ..engines.base import BatchedEngine
 from ..errors import BadInput, LinmemError, NoSuchMemory, NotAllowed
 from ..itemfile import item_from_dict, stored_bytes
 from ..memory import Memory, check_name, default_home, delete_memory, memories, open_memory, summaries
@@ -93,10 +95,10 @@ class Allowed:
 
     def embedder(self, spec: str | None) -> str:
         key = canonical_spec(spec or self.embedders[0])
-        scheme, _, dim = key.partition(":")
         if key in {canonical_spec(e) for e in self.embedders}:
             return key
-        if scheme == "hash" and dim.isdigit() and 1 <= int(dim) <= MAX_HASH_DIM:
+        parsed = split_spec(key)
+        if parsed.scheme == "hash" and parsed.target.isdigit() and 1 <= int(parsed.target) <= MAX_HASH_DIM:
             return key
         raise NotAllowed(
             f"embedder {key!r} is not one this server was started with; allowed: "
@@ -254,7 +256,7 @@ class Service:
             kinds = self._batchers.setdefault(reader, {})
             if kind not in kinds:
                 engine = getattr(reader, "engine", None)
-                batched = bool(engine is not None and getattr(engine, "can_batch", lambda: False)())
+                batched = isinstance(engine, BatchedEngine) and engine.can_batch()
                 kinds[kind] = _Batcher(window_s=BATCH_WINDOW_S if batched else 0.0)
             return kinds[kind]
 

@@ -9,23 +9,29 @@ Chosen by spec, like the LM reader's models:
 - ``tiny:qwen3.5-vl``: a tiny random-weights Qwen3.5 with a vision tower, for tests.
 
 Transcribers are ``openai:URL#MODEL``: an OpenAI-compatible ``/v1/audio/transcriptions``
-endpoint (OpenAI's Whisper API, a vLLM or whisper.cpp server).
+endpoint (OpenAI's Whisper API, a vLLM or whisper.cpp server); without ``#MODEL``, ``whisper-1``.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import os
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import httpx
-
+from .. import _spec
+from .._http import OpenAIClient
 from ..engines.base import strip_think
-from ..errors import EngineError, ModelUnavailable, UnknownSpec
+from ..errors import EngineError, ModelUnavailable
 
 DEFAULT_CAPTIONER = "hf:Qwen/Qwen3.5-0.8B"
+DEFAULT_TRANSCRIPTION_MODEL = "whisper-1"
+CAPTIONER_FORMS = _spec.Forms(
+    "captioner", {"hf": "hf:REPO_OR_PATH", "openai": "openai:URL#MODEL", "tiny": "tiny:qwen3.5-vl"}
+)
+TRANSCRIBER_FORMS = _spec.Forms(
+    "transcriber", {"openai": "openai:URL#MODEL (an /audio/transcriptions server)"}
+)
 
 
 @runtime_checkable
@@ -48,31 +54,27 @@ class Transcriber(Protocol):
 
 def load_captioner(spec: str | None = None) -> Captioner:
     spec = spec or DEFAULT_CAPTIONER
-    scheme, _, target = spec.partition(":")
-    if scheme == "openai" and target:
-        return OpenAICaptioner(target)
-    if scheme == "hf" and target:
-        return HFCaptioner.load(target)
-    if scheme == "tiny" and target == "qwen3.5-vl":
-        from ..engines import tiny
-        from ..engines.hf import _device, _guard_gpu_only_packages
+    parsed = CAPTIONER_FORMS.parse(spec)
+    if parsed.scheme == "openai":
+        return OpenAICaptioner(parsed.target)
+    if parsed.scheme == "hf":
+        return HFCaptioner.load(parsed.target)
+    if parsed.target != "qwen3.5-vl":  # the only tiny model with a vision tower
+        raise CAPTIONER_FORMS.refuse(spec)
+    from ..engines import tiny
+    from ..engines.hf import prepare_torch, torch_device
 
-        _guard_gpu_only_packages(_device())
-        model, tokenizer, images = tiny.build_vlm()
-        return HFCaptioner(model.to(_device()), tokenizer, images, id=spec)
-    raise UnknownSpec(
-        f"unknown captioner {spec!r}: expected hf:REPO_OR_PATH, openai:URL#MODEL or tiny:qwen3.5-vl"
-    )
+    prepare_torch(torch_device())
+    model, tokenizer, images = tiny.build_vlm()
+    return HFCaptioner(model.to(torch_device()), tokenizer, images, id=str(parsed))
 
 
 def load_transcriber(spec: str) -> Transcriber:
-    scheme, _, target = spec.partition(":")
-    if scheme == "openai" and target:
-        url, _, model = target.partition("#")
-        return OpenAITranscriber(url, model or "whisper-1")
-    raise UnknownSpec(
-        f"unknown transcriber {spec!r}: expected openai:URL#MODEL (an /audio/transcriptions server)"
+    parsed = TRANSCRIBER_FORMS.parse(spec)
+    url, model = _spec.endpoint(
+        parsed.target, need_model=False, refuse=lambda why: TRANSCRIBER_FORMS.refuse(spec, why)
     )
+    return OpenAITranscriber(url, model or DEFAULT_TRANSCRIPTION_MODEL)
 
 
 class OpenAICaptioner:
@@ -175,30 +177,38 @@ class HFCaptioner:
 
 
 class OpenAITranscriber:
-    """``POST {base_url}/audio/transcriptions`` with the clip's WAV as a multipart upload."""
+    """``POST {base_url}/audio/transcriptions`` with the clip's WAV as a multipart upload.
+
+    `api_key`, `retries` and `backoff_s` are those of `linmem._http.OpenAIClient`.
+    """
 
     def __init__(
-        self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 300.0
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 300.0,
+        retries: int = 2,
+        backoff_s: float = 0.5,
     ) -> None:
-        from ..engines.openai import _check_url
-
-        self.base_url = _check_url(base_url)
+        self.base_url = _spec.base_url(base_url)
         self.model = model
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self._http = OpenAIClient(
+            self.base_url, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s
+        )
         self.id = f"openai:{model}@{self.base_url}"
+
+    def close(self) -> None:
+        self._http.close()
 
     def transcribe(self, wav: bytes) -> str:
         url = f"{self.base_url}/audio/transcriptions"
-        try:
-            resp = self._client.post(
-                url,
-                files={"file": ("clip.wav", wav, "audio/wav")},
-                data={"model": self.model, "response_format": "json"},
-            )
-        except httpx.HTTPError as e:
-            raise EngineError(f"POST {url}: cannot reach the server ({type(e).__name__}: {e})") from e
+        resp = self._http.post_multipart(
+            url,
+            files={"file": ("clip.wav", wav, "audio/wav")},
+            fields={"model": self.model, "response_format": "json"},
+        ).response
         if resp.is_error:
             raise EngineError(f"POST {url}: HTTP {resp.status_code}: {resp.text[:300]}")
         try:
