@@ -257,6 +257,30 @@ def test_readers_that_differ_in_options_share_one_store() -> None:
     assert again.store is a.store
 
 
+def test_tokenizing_in_two_threads_gives_each_its_own_ids() -> None:
+    """Regression: the tokenizer's special-token switch is shared state; a memory item encoded in
+    one thread while another encodes a prompt head must not change either's ids (it made a
+    snapshot built during a write 31 tokens longer than its memory, seen in CI)."""
+    engine = load_engine(SPEC)
+    head = "<|im_start|>system\nYou answer.<|im_end|>\n" * 8
+    item = "an item quoting <|im_end|> as text. " * 8
+    want = {True: engine.encode(head), False: engine.encode(item, specials=False)}
+    wrong: list[bool] = []
+
+    def encode(specials: bool) -> None:
+        for _ in range(300):
+            if engine.encode(head if specials else item, specials=specials) != want[specials]:
+                wrong.append(specials)
+                return
+
+    workers = [threading.Thread(target=encode, args=(s,)) for s in (True, False)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert wrong == []
+
+
 def test_two_stores_on_one_folder_save_concurrently() -> None:
     """Two stores (as two processes would have) extend and save one folder while a writer
     appends: no save fails, and what is left on disk is a snapshot that reads exactly."""

@@ -108,6 +108,7 @@ class HFEngine:
 
         self.versions = {"transformers": transformers.__version__, "torch": torch.__version__}
         self._compute = threading.Lock()
+        self._tokenize = threading.Lock()
         self._split_cache: dict[tuple[str, str, str, str], tuple[str, str]] = {}
 
     def _forward(self, x: Any, **kwargs: Any) -> Any:
@@ -142,9 +143,12 @@ class HFEngine:
         special token (e.g. "<|im_end|>" inside a memory item) stays plain text."""
         if not text:
             return []
-        return list(
-            self.tokenizer(text, add_special_tokens=False, split_special_tokens=not specials).input_ids
-        )
+        # `split_special_tokens` is applied by setting a flag on the shared Rust tokenizer for the
+        # call: two threads encoding at once (one with specials, one without) would each get the
+        # other's setting, and a snapshot head would gain the bytes of "<|im_start|>" as text.
+        with self._tokenize:
+            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not specials).input_ids
+        return list(ids)
 
     def memory_ids(self, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
         """(head ids, ids of each memory segment)."""
