@@ -115,10 +115,7 @@ def _qwen35(w: Any, t: _Weights) -> None:
     w.add_ssm_time_step_rank(v_heads)
     w.add_ssm_group_count(k_heads)
 
-    n_vocab = 256 + len(SPECIAL_TOKENS)
-    t.add("token_embd.weight", (N_EMBD, n_vocab))
-    t.add("output_norm.weight", (N_EMBD,), t.ones)
-    t.add("output.weight", (N_EMBD, n_vocab))
+    _embeddings(t)
     for il in range(N_LAYER):
         p = f"blk.{il}."
         t.add(p + "attn_norm.weight", (N_EMBD,), t.ones)
@@ -145,6 +142,14 @@ def _qwen35(w: Any, t: _Weights) -> None:
         t.add(p + "ffn_down.weight", (N_FF, N_EMBD))
 
 
+def _embeddings(t: _Weights) -> None:
+    """Token embeddings, the final norm and the (untied) output head, as every arch here has."""
+    n_vocab = 256 + len(SPECIAL_TOKENS)
+    t.add("token_embd.weight", (N_EMBD, n_vocab))
+    t.add("output_norm.weight", (N_EMBD,), t.ones)
+    t.add("output.weight", (N_EMBD, n_vocab))
+
+
 def _mamba(w: Any, t: _Weights) -> None:
     d_inner, d_state, dt_rank, d_conv = 2 * N_EMBD, 16, 4, 4  # llama.cpp supports expansion 2 only
 
@@ -159,10 +164,7 @@ def _mamba(w: Any, t: _Weights) -> None:
     w.add_ssm_state_size(d_state)
     w.add_ssm_time_step_rank(dt_rank)
 
-    n_vocab = 256 + len(SPECIAL_TOKENS)
-    t.add("token_embd.weight", (N_EMBD, n_vocab))
-    t.add("output_norm.weight", (N_EMBD,), t.ones)
-    t.add("output.weight", (N_EMBD, n_vocab))
+    _embeddings(t)
     for il in range(N_LAYER):
         p = f"blk.{il}."
         t.add(p + "attn_norm.weight", (N_EMBD,), t.ones)

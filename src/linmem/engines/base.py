@@ -11,11 +11,12 @@ costs only its query's tokens.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import ModelUnavailable
+from ..errors import BadInput, ContextOverflow, ModelUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,155 @@ def split_template(
     if stem != prompt.stem:
         raise ModelUnavailable(f"{model}: its chat template rewrites the user message")
     return head, tail
+
+
+def transcript(messages: list[dict[str, str]]) -> str:
+    """The prompt of a model without a chat template: a plain transcript, then the reply's turn."""
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+
+
+class LocalEngine:
+    """What the local engines (transformers, llama.cpp) share: a prompt cut around the memory
+    and tokenised in pieces, so cached and stateless reads run the same ids; the context check;
+    and stateless completions run through the engine's own state operations.
+
+    A subclass sets `id`, `context_length` and an empty `_split_cache` dict, and provides
+    `render` (messages -> templated text with the generation prompt), `encode`, `decode`,
+    `new_cache`, `advance`, `greedy` and `sample`; `head_ids` when the head needs more than
+    `encode` (a BOS token)."""
+
+    id: str
+    context_length: int | None
+    _split_cache: dict[tuple[str, str, str, str], tuple[str, str]]
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        raise NotImplementedError
+
+    def encode(self, text: str, *, specials: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def new_cache(self) -> Any:
+        raise NotImplementedError
+
+    def advance(
+        self, cache: Any, ids: Sequence[int], *, progress: Callable[[int], None] | None = None
+    ) -> Any:
+        raise NotImplementedError
+
+    def greedy(self, cache: Any, logits: Any, max_new_tokens: int) -> list[int]:
+        raise NotImplementedError
+
+    def sample(
+        self, cache: Any, logits: Any, max_new_tokens: int, *, temperature: float, seed: int
+    ) -> list[int]:
+        raise NotImplementedError
+
+    # Prompt -> ids
+
+    def split(self, prompt: Prompt) -> tuple[str, str]:
+        """The templated prompt cut around the memory and the stem (see `split_template`)."""
+        key = (prompt.system, prompt.intro, prompt.stem, prompt.query)
+        if key not in self._split_cache:
+            if len(self._split_cache) > 256:
+                self._split_cache.clear()
+            self._split_cache[key] = split_template(self.render, prompt, self.id)
+        return self._split_cache[key]
+
+    def head_ids(self, head: str) -> list[int]:
+        """Ids of the text a prompt starts with (the templated head, or a whole chat)."""
+        return self.encode(head)
+
+    def memory_ids(self, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
+        """(head ids, ids of each memory segment); segments keep special-looking text as text."""
+        head, _ = self.split(prompt)
+        return self.head_ids(head), [self.encode(s, specials=False) for s in prompt.memory]
+
+    def stem_ids(self, prompt: Prompt) -> list[int]:
+        return self.encode(prompt.stem)
+
+    def tail_ids(self, prompt: Prompt) -> list[int]:
+        return self.encode(self.split(prompt)[1])
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Head, memory segments, stem and tail, each tokenised on its own and concatenated: the
+        ids the cached path builds piece by piece."""
+        head, segments = self.memory_ids(prompt)
+        return head + [t for s in segments for t in s] + self.stem_ids(prompt) + self.tail_ids(prompt)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return len(self.prompt_ids(prompt))
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat under the model's template, with the generation prompt."""
+        return self.head_ids(self.render(messages))
+
+    # Stateless completions
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int, *, what: str = "the prompt") -> None:
+        """Refuse, never truncate, a prompt that does not fit the context."""
+        limit = self.context_length
+        if limit is not None and prompt_tokens + max_new_tokens > limit:
+            raise ContextOverflow(
+                f"{what} needs {prompt_tokens} tokens plus {max_new_tokens} to generate "
+                f"= {prompt_tokens + max_new_tokens}, but {self.id} reads at most {limit}",
+                needed=prompt_tokens + max_new_tokens,
+                limit=limit,
+            )
+
+    def generate(self, prompt: Prompt, *, max_new_tokens: int) -> Generation:
+        """Stateless read: the whole prompt from an empty state, then greedy decoding."""
+        head, segments = self.memory_ids(prompt)
+        memory = head + [t for s in segments for t in s]
+        ids = memory + self.stem_ids(prompt) + self.tail_ids(prompt)
+        self.check_fits(len(ids), max_new_tokens)
+        return self._complete(ids, max_new_tokens, memory_tokens=len(memory))
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Generation:
+        """A multi-turn chat from scratch: the chat template (with the generation prompt), one
+        prefill, then greedy decoding, or sampling when `temperature` > 0."""
+        if temperature < 0:
+            raise BadInput(f"temperature must be >= 0, found {temperature!r}")
+        ids = self.chat_ids(messages)
+        self.check_fits(len(ids), max_new_tokens, what="the chat")
+        return self._complete(ids, max_new_tokens, temperature=temperature, seed=seed)
+
+    def _complete(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        *,
+        memory_tokens: int | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Generation:
+        state = self.new_cache()
+        t0 = time.perf_counter()
+        logits = self.advance(state, ids)
+        t1 = time.perf_counter()
+        if temperature == 0:
+            out = self.greedy(state, logits, max_new_tokens)
+        else:
+            out = self.sample(state, logits, max_new_tokens, temperature=temperature, seed=seed)
+        t2 = time.perf_counter()
+        return Generation(
+            text=self.decode(out),
+            memory_tokens=memory_tokens,
+            processed=len(ids),
+            cached=0,
+            generated=len(out),
+            prefill_s=t1 - t0,
+            generate_s=t2 - t1,
+        )
 
 
 def threads() -> int:

@@ -27,7 +27,6 @@ import os
 import socket
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import BadInput, ContextOverflow, ModelUnavailable
-from .base import Generation, Prompt, split_template, strip_think, threads
+from ..errors import ModelUnavailable
+from .base import LocalEngine, strip_think, threads, transcript
 
 # transformers routes linear-attention kernels to fla / causal-conv1d / mamba-ssm whenever they are
 # importable, and those are GPU-only (Triton): on a CPU-only machine a forward pass then fails.
@@ -78,7 +77,7 @@ def prepare_torch(device: str) -> None:
         install()
 
 
-class HFEngine:
+class HFEngine(LocalEngine):
     """A causal LM from transformers, with the operations the state cache needs.
 
     `id` names the model for answers; `fingerprint` identifies config and weights, so a state
@@ -127,16 +126,8 @@ class HFEngine:
 
     # Prompt -> ids
 
-    def split(self, prompt: Prompt) -> tuple[str, str]:
-        """The chat-templated prompt cut around the memory and the stem: (head through the intro,
-        tail from the query to the generation prompt)."""
-        key = (prompt.system, prompt.intro, prompt.stem, prompt.query)
-        if key not in self._split_cache:
-            parts = split_template(lambda m: _apply_template(self.tokenizer, m), prompt, self.id)
-            if len(self._split_cache) > 256:
-                self._split_cache.clear()
-            self._split_cache[key] = parts
-        return self._split_cache[key]
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return _apply_template(self.tokenizer, messages)
 
     def encode(self, text: str, *, specials: bool = True) -> list[int]:
         """Token ids of `text` without added BOS/EOS. With `specials=False`, text that looks like a
@@ -149,26 +140,6 @@ class HFEngine:
         with self._tokenize:
             ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not specials).input_ids
         return list(ids)
-
-    def memory_ids(self, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
-        """(head ids, ids of each memory segment)."""
-        head, _ = self.split(prompt)
-        return self.encode(head), [self.encode(s, specials=False) for s in prompt.memory]
-
-    def stem_ids(self, prompt: Prompt) -> list[int]:
-        return self.encode(prompt.stem)
-
-    def tail_ids(self, prompt: Prompt) -> list[int]:
-        return self.encode(self.split(prompt)[1])
-
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
-        """Head, memory segments, stem and tail, each tokenised on its own and concatenated: the
-        ids the cached path builds piece by piece."""
-        head, segments = self.memory_ids(prompt)
-        return head + [t for s in segments for t in s] + self.stem_ids(prompt) + self.tail_ids(prompt)
-
-    def count_tokens(self, prompt: Prompt) -> int:
-        return len(self.prompt_ids(prompt))
 
     def decode(self, ids: Sequence[int]) -> str:
         return strip_think(str(self.tokenizer.decode(list(ids), skip_special_tokens=True)))
@@ -386,74 +357,6 @@ class HFEngine:
                 logits = step_out.logits[:, -1].float()
                 step += 1
         return out
-
-    def check_fits(self, prompt_tokens: int, max_new_tokens: int, *, what: str = "the prompt") -> None:
-        """Refuse, never truncate, a prompt that does not fit the context."""
-        limit = self.context_length
-        if limit is not None and prompt_tokens + max_new_tokens > limit:
-            raise ContextOverflow(
-                f"{what} needs {prompt_tokens} tokens plus {max_new_tokens} to generate "
-                f"= {prompt_tokens + max_new_tokens}, but {self.id} reads at most {limit}",
-                needed=prompt_tokens + max_new_tokens,
-                limit=limit,
-            )
-
-    def generate(self, prompt: Prompt, *, max_new_tokens: int) -> Generation:
-        """Stateless read: the whole prompt from an empty cache (in windows of PREFILL_CHUNK tokens
-        that continue the state, which is exact and keeps peak memory flat), then greedy decoding."""
-        head, segments = self.memory_ids(prompt)
-        memory = head + [t for s in segments for t in s]
-        ids = memory + self.stem_ids(prompt) + self.tail_ids(prompt)
-        self.check_fits(len(ids), max_new_tokens)
-        cache = self.new_cache()
-        t0 = time.perf_counter()
-        logits = self.advance(cache, ids)
-        t1 = time.perf_counter()
-        out = self.greedy(cache, logits, max_new_tokens)
-        t2 = time.perf_counter()
-        return Generation(
-            text=self.decode(out),
-            memory_tokens=len(memory),
-            processed=len(ids),
-            cached=0,
-            generated=len(out),
-            prefill_s=t1 - t0,
-            generate_s=t2 - t1,
-        )
-
-    def chat(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        seed: int = 0,
-    ) -> Generation:
-        """A multi-turn chat from scratch: the chat template (with the generation prompt), one
-        prefill, then greedy decoding, or sampling when `temperature` > 0. Thinking is off in
-        templates that have the switch, as for reads."""
-        if temperature < 0:
-            raise BadInput(f"temperature must be >= 0, found {temperature!r}")
-        ids = self.encode(_apply_template(self.tokenizer, messages))
-        self.check_fits(len(ids), max_new_tokens, what="the chat")
-        cache = self.new_cache()
-        t0 = time.perf_counter()
-        logits = self.advance(cache, ids)
-        t1 = time.perf_counter()
-        if temperature == 0:
-            out = self.greedy(cache, logits, max_new_tokens)
-        else:
-            out = self.sample(cache, logits, max_new_tokens, temperature=temperature, seed=seed)
-        t2 = time.perf_counter()
-        return Generation(
-            text=self.decode(out),
-            memory_tokens=None,
-            processed=len(ids),
-            cached=0,
-            generated=len(out),
-            prefill_s=t1 - t0,
-            generate_s=t2 - t1,
-        )
 
     # Snapshot (de)serialisation: plain tensors plus JSON metadata, never pickled objects.
 
@@ -686,8 +589,7 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
             )
         except TypeError:
             return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    # A base model without a chat template reads a plain transcript.
-    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+    return transcript(messages)  # a base model without a chat template
 
 
 def _context_length(model: Any, tokenizer: Any) -> int | None:

@@ -24,16 +24,15 @@ import json
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, ContextOverflow, ModelUnavailable
+from ..errors import ContextOverflow, ModelUnavailable
 from . import _gguf
-from .base import Generation, Prompt, split_template, strip_think, threads
+from .base import LocalEngine, strip_think, threads, transcript
 
 # Tokens per llama_decode call in a prefill (llama.cpp's own default batch).
 BATCH = 512
@@ -152,7 +151,7 @@ class _Logits:
     row: Any
 
 
-class LlamaEngine:
+class LlamaEngine(LocalEngine):
     """A GGUF model run by llama.cpp, with the operations the state snapshots need (see
     `linmem.engines.base.StatefulEngine`)."""
 
@@ -193,13 +192,8 @@ class LlamaEngine:
 
     # Prompt -> ids
 
-    def split(self, prompt: Prompt) -> tuple[str, str]:
-        key = (prompt.system, prompt.intro, prompt.stem, prompt.query)
-        if key not in self._split_cache:
-            if len(self._split_cache) > 256:
-                self._split_cache.clear()
-            self._split_cache[key] = split_template(self._template, prompt, self.id)
-        return self._split_cache[key]
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return self._template(messages)
 
     def encode(self, text: str, *, specials: bool = True) -> list[int]:
         """Token ids of `text`, no BOS added. With `specials=False`, text that looks like a special
@@ -216,34 +210,13 @@ class LlamaEngine:
             n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, False, specials)
         return list(buf[:n])
 
-    def memory_ids(self, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
-        head, _ = self.split(prompt)
-        return self._head_ids(head), [self.encode(s, specials=False) for s in prompt.memory]
-
-    def _head_ids(self, head: str) -> list[int]:
+    def head_ids(self, head: str) -> list[int]:
         ids = self.encode(head)
         # A model that wants a BOS gets exactly one, whether or not its template writes it.
         return [self._bos, *ids] if self._add_bos and (not ids or ids[0] != self._bos) else ids
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat under the model's template, with the generation prompt."""
-        return self._head_ids(self._template(messages))
-
     def is_stop(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
-
-    def stem_ids(self, prompt: Prompt) -> list[int]:
-        return self.encode(prompt.stem)
-
-    def tail_ids(self, prompt: Prompt) -> list[int]:
-        return self.encode(self.split(prompt)[1])
-
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
-        head, segments = self.memory_ids(prompt)
-        return head + [t for s in segments for t in s] + self.stem_ids(prompt) + self.tail_ids(prompt)
-
-    def count_tokens(self, prompt: Prompt) -> int:
-        return len(self.prompt_ids(prompt))
 
     def decode(self, ids: Sequence[int]) -> str:
         return strip_think(self._detokenize(ids))
@@ -433,68 +406,6 @@ class LlamaEngine:
                 limit=self.context_length,
             )
 
-    # Stateless completions
-
-    def check_fits(self, prompt_tokens: int, max_new_tokens: int, *, what: str = "the prompt") -> None:
-        limit = self.context_length
-        if limit is not None and prompt_tokens + max_new_tokens > limit:
-            raise ContextOverflow(
-                f"{what} needs {prompt_tokens} tokens plus {max_new_tokens} to generate "
-                f"= {prompt_tokens + max_new_tokens}, but {self.id} reads at most {limit}",
-                needed=prompt_tokens + max_new_tokens,
-                limit=limit,
-            )
-
-    def generate(self, prompt: Prompt, *, max_new_tokens: int) -> Generation:
-        """Stateless read: the whole prompt from an empty state, then greedy decoding."""
-        head, segments = self.memory_ids(prompt)
-        memory = head + [t for s in segments for t in s]
-        ids = memory + self.stem_ids(prompt) + self.tail_ids(prompt)
-        self.check_fits(len(ids), max_new_tokens)
-        return self._complete(ids, max_new_tokens, memory_tokens=len(memory))
-
-    def chat(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        seed: int = 0,
-    ) -> Generation:
-        if temperature < 0:
-            raise BadInput(f"temperature must be >= 0, found {temperature!r}")
-        ids = self.chat_ids(messages)
-        self.check_fits(len(ids), max_new_tokens, what="the chat")
-        return self._complete(ids, max_new_tokens, temperature=temperature, seed=seed)
-
-    def _complete(
-        self,
-        ids: list[int],
-        max_new_tokens: int,
-        *,
-        memory_tokens: int | None = None,
-        temperature: float = 0.0,
-        seed: int = 0,
-    ) -> Generation:
-        state = self.new_cache()
-        t0 = time.perf_counter()
-        logits = self.advance(state, ids)
-        t1 = time.perf_counter()
-        if temperature == 0:
-            out = self.greedy(state, logits, max_new_tokens)
-        else:
-            out = self.sample(state, logits, max_new_tokens, temperature=temperature, seed=seed)
-        t2 = time.perf_counter()
-        return Generation(
-            text=self.decode(out),
-            memory_tokens=memory_tokens,
-            processed=len(ids),
-            cached=0,
-            generated=len(out),
-            prefill_s=t1 - t0,
-            generate_s=t2 - t1,
-        )
-
 
 def _chat_template(
     header: _gguf.Header, token_text: Callable[[int], str]
@@ -503,7 +414,7 @@ def _chat_template(
     in jinja's sandbox: a template is code from the file), or a plain transcript without one."""
     source = header.metadata.get("tokenizer.chat_template")
     if not isinstance(source, str) or not source.strip():
-        return _transcript
+        return transcript
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -527,10 +438,6 @@ def _chat_template(
             raise ModelUnavailable(f"{header.path}: its chat template failed ({e})") from None
 
     return render
-
-
-def _transcript(messages: list[dict[str, str]]) -> str:
-    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
 
 
 def _open(llama_cpp: Any, path: Path, header: _gguf.Header, n_threads: int) -> tuple[Any, Any]:
