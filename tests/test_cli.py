@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import needs
 import pytest
 
 from linmem.cli import build_parser, main
@@ -47,6 +48,9 @@ def test_write_ask_show_forget(capsys, items_file, tmp_path) -> None:
 
     code, out = run(capsys, "rank", "day", "standing desk", "--backend", "embedding", "-k", "2")
     assert len(out["clips"]) == 2 and set(out["clips"]) <= {9, 16, 17}  # the desk clips
+    code, out = run(capsys, "rank", "day", "standing desk", "-k", "2")  # the hybrid reader by default
+    assert out["model"] == "bm25+st:all-MiniLM-L6-v2" and set(out["clips"]) <= {9, 16, 17}
+    assert out["hits"][0]["lines"] and 0 < out["hits"][0]["score"] <= 1
 
     code, out = run(capsys, "show", "day", "--limit", "3")
     assert out["items"] == 68 and out["clips"] == 22 and len(out["list"]) == 3
@@ -178,7 +182,7 @@ def test_demo_without_default_model_explains(capsys, monkeypatch, tmp_path) -> N
 
 
 def test_demo_falls_back_to_a_local_gguf(capsys, monkeypatch, tmp_path) -> None:
-    pytest.importorskip("llama_cpp")
+    needs.llama_cpp()
     pytest.importorskip("gguf")
     from tinygguf import build_gguf
 

@@ -307,6 +307,25 @@ def test_ask_and_rank_with_the_embedding_reader(api: Api, client: httpx.Client, 
     assert "'max_new_tokens'" in message  # an LM option for the embedding reader
 
 
+def test_rank_defaults_to_the_hybrid_reader(client: httpx.Client, house: str) -> None:
+    ranked = client.post(f"/v1/memories/{house}/rank", json={"query": "red mug", "k": 2, "embedder": "hash"})
+    assert ranked.status_code == 200, ranked.text
+    body = ranked.json()
+    assert body["model"] == "bm25+hash:256" and body["clips"][0] == 1
+    assert body["hits"][0]["lines"] == [CLIPS[1]] and 0 < body["hits"][0]["score"] <= 1
+    tuned = {"query": "red mug", "embedder": "hash", "lexical_weight": 1.0, "second_line": 0.0}
+    assert client.post(f"/v1/memories/{house}/rank", json=tuned).json()["clips"][0] == 1
+    # The ask route keeps the LM reader as its default; hybrid options elsewhere are refused by name.
+    refused = client.post(f"/v1/memories/{house}/ask", json={"query": "q", "lexical_weight": 0.5, **TINY})
+    assert "'lexical_weight'" in error(refused, 422, "bad_input")
+    assert error(
+        client.post(f"/v1/memories/{house}/rank", json={"query": "q", "lexical_weight": 2}), 422, "validation"
+    )
+    # The re-ranking LM is one of the server's models, like any other.
+    url = {"query": "q", "embedder": "hash", "rerank": "lm", "model": "openai:http://127.0.0.1:9/v1#x"}
+    assert error(client.post(f"/v1/memories/{house}/rank", json=url), 403, "not_allowed")
+
+
 def test_ask_with_the_packaged_minilm(client: httpx.Client, house: str) -> None:
     answer = client.post(
         f"/v1/memories/{house}/ask", json={"query": "Where is the mug?", "backend": "embedding"}

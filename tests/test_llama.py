@@ -9,9 +9,10 @@ import random
 import shutil
 from pathlib import Path
 
+import needs
 import pytest
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = needs.llama_cpp()
 
 from linmem import prompts  # noqa: E402
 from linmem.engines import load_engine  # noqa: E402

@@ -69,7 +69,7 @@ async def exercise(client: Client) -> None:
     assert item["required"] == ["text"] and set(item["properties"]) == set(ITEMS[2])
     assert schemas["memory_query"]["required"] == ["memory", "question"]
     backend = schemas["memory_query"]["properties"]["backend"]
-    assert {"enum": ["lm", "embedding"], "type": "string"} in backend["anyOf"]
+    assert {"enum": ["lm", "embedding", "hybrid"], "type": "string"} in backend["anyOf"]
     assert schemas["memory_search"]["properties"]["k"]["default"] == 5
     assert schemas["memory_list"]["properties"] == {}
 
@@ -77,7 +77,8 @@ async def exercise(client: Client) -> None:
     assert written == {"memory": "robot", "written": 3, "ids": [1, 2, 3], "items": 3}
 
     answer = await call(client, "memory_query", memory="robot", question="Where is the red mug?")
-    assert answer["model"] == "hash:64" and answer["clips"][0] == 0
+    # The default reader is the hybrid one, its dense half the server's embedder.
+    assert answer["model"] == "bm25+hash:64" and answer["clips"][0] == 0
     assert "Alice puts the red mug in the left cupboard." in answer["answer"]
     assert answer["tokens"]["memory"] > 0 and answer["hits"][0]["lines"] == [ITEMS[0]["text"]]
 

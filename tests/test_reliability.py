@@ -17,6 +17,7 @@ def test_short_form_passes(capsys) -> None:
     assert result["crash"]["trials"] == 3 and result["crash"]["acknowledged_batches"] > 0
     corruption = result["corruption"]
     assert corruption["same_answers"] and len(corruption["damaged_files"]) >= 2
+    assert corruption["index_damage"] and corruption["searches_same"] and corruption["index_ok_after"]
     assert any("corrupt" in n or "rebuilt" in n for n in corruption["notes"])
 
 

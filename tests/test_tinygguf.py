@@ -5,10 +5,11 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+import needs
 import numpy as np
 import pytest
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = needs.llama_cpp()
 pytest.importorskip("gguf")
 
 from tinygguf import build_gguf  # noqa: E402

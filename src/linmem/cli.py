@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         a = command(name, run, what)
         a.add_argument("name")
         a.add_argument("query", metavar="QUESTION" if name == "ask" else "QUERY")
-        _reader_options(a)
+        _reader_options(a, default="lm" if name == "ask" else "hybrid")
         if name == "rank":
             a.add_argument("-k", type=int, default=5, help="how many clips (default 5)")
 
@@ -259,6 +259,13 @@ def _tool_commands(command: Command) -> None:
         "--endpoint", metavar="URL#MODEL", help="time reads against a live OpenAI-compatible server"
     )
     b.add_argument(
+        "--search",
+        action="store_true",
+        help="the hybrid reader and full-text index at 100,000 items (--quick: 5,000): search "
+        "latency, index build, write cost, RAM",
+    )
+    b.add_argument("--items", type=int, help="with --search: how many items (default 100,000)")
+    b.add_argument(
         "--engine",
         metavar="SPEC",
         help="gguf:PATH: the llama.cpp engine against llama.cpp itself; hf:PATH: the transformers "
@@ -298,10 +305,12 @@ def _allow_options(a: argparse.ArgumentParser, *, defaults: bool = True) -> None
                    help=f"another embedder spec requests may choose {more}")  # fmt: skip
 
 
-def _reader_options(a: argparse.ArgumentParser) -> None:
-    a.add_argument("--backend", choices=BACKENDS, default="lm", help="reader (default lm)")
+def _reader_options(a: argparse.ArgumentParser, default: str = "lm") -> None:
+    a.add_argument("--backend", choices=BACKENDS, default=default, help=f"reader (default {default})")
     a.add_argument(
-        "--model", help="LM spec: hf:REPO_OR_PATH, openai:URL#MODEL, tiny:NAME (default hf:Qwen/Qwen3.5-0.8B)"
+        "--model",
+        help="LM spec: hf:REPO_OR_PATH, gguf:PATH_OR_NAME, openai:URL#MODEL, tiny:NAME (default "
+        "hf:Qwen/Qwen3.5-0.8B); for the hybrid reader, the re-ranking LM (with --rerank lm)",
     )
     a.add_argument(
         "--embedder", help="embedding spec: st:NAME_OR_PATH or openai:URL#MODEL (default all-MiniLM-L6-v2)"
@@ -316,7 +325,13 @@ def _reader_options(a: argparse.ArgumentParser) -> None:
         choices=["error", "window"],
         help="memory longer than the context: stop (default) or read in windows",
     )
-    a.add_argument("--top-k", type=int, help="clips the embedding reader returns (default 3)")
+    a.add_argument("--top-k", type=int, help="clips the embedding or hybrid reader returns (default 3)")
+    a.add_argument(
+        "--rerank", choices=["lm"], help="hybrid reader: let the LM (--model) re-rank its best clips"
+    )
+    a.add_argument(
+        "--rerank-depth", type=int, help="hybrid reader: how many clips the LM re-ranks (default 20)"
+    )
     a.add_argument("--threshold", type=float, help="minimum cosine for the embedding reader (default 0.0)")
 
 
@@ -324,6 +339,14 @@ def _reader(args: argparse.Namespace) -> tuple[Memory, Any]:
     memory = _open(args.name, args.home)
     if args.backend == "embedding":
         options = {"embedder": args.embedder, "top_k": args.top_k, "threshold": args.threshold}
+    elif args.backend == "hybrid":
+        options = {
+            "embedder": args.embedder,
+            "top_k": args.top_k,
+            "rerank": args.rerank,
+            "model": args.model,
+            "rerank_depth": args.rerank_depth,
+        }
     else:
         options = {
             "model": args.model,
@@ -564,6 +587,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.search:
+        from .bench_search import run_search_bench
+
+        return run_search_bench(items=args.items, quick=args.quick, echo=not args.json)
     if args.engine:
         from .bench_llama import run_llama_bench, run_roofline
 

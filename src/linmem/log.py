@@ -8,9 +8,16 @@ seeded by the log id, so one comparison of the chain at a cache's last item prov
 item up to it is the one the cache read. A restored backup, a log swapped under a cache folder,
 or another memory's cache copied in all fail that comparison and the cache is rebuilt.
 
-Appends raise `version` and `last_id`. Deletions also raise `epoch` and re-chain the items after
+Appends raise `version`, `last_id` and the item count (kept in the `info` table, so reading the
+state is a few indexed lookups, not a scan). Deletions also raise `epoch` and re-chain the items after
 the first deleted one, so a cache that covered a deleted item no longer matches, while a cache of
 the prefix before it still does.
+
+The log also holds its own full-text index (`items_fts`, SQLite FTS5 ranked by BM25, see
+`linmem.lexical`), written in the same transaction as the items it indexes, so it cannot drift
+from them: a write, a deletion or a clear commits to both or to neither. `Log.search` reads it;
+an index found damaged (SQLite reports it corrupt, or it no longer holds one row per item) is
+rebuilt from the items, which are the truth.
 
 Each log keeps a random secret too, which caches use to authenticate their headers (`Log.mac`):
 a header edited by hand, or written for another log, does not verify.
@@ -26,6 +33,7 @@ import errno
 import hashlib
 import hmac
 import json
+import logging
 import math
 import os
 import secrets
@@ -39,10 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import lexical
 from .errors import BadInput, CorruptMemory, DiskFull, LinmemError
 from .types import Item
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Schema 3 added the full-text index. Its tokenizer is part of the schema: changing it means a
+# new schema version whose migration rebuilds the index.
+_FTS_TABLE = f"CREATE VIRTUAL TABLE IF NOT EXISTS items_fts USING fts5(text, tokenize='{lexical.TOKENIZER}')"
 # SQLite's INTEGER is a signed 64-bit value.
 MAX_INT = 2**63 - 1
 # Deeper `meta` objects are refused: a JSON encoder or decoder recurses once per level.
@@ -79,10 +91,12 @@ _TABLES = (
     "INSERT OR IGNORE INTO info VALUES ('schema', 1), ('version', 0), ('epoch', 0)",
     # Text values apart from `info`, whose INTEGER affinity would turn an all-digit id into a number.
     "CREATE TABLE IF NOT EXISTS identity (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    _FTS_TABLE,
 )
 _COLUMNS = "id, text, clip, time, source, meta"
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +213,12 @@ class Log:
     and be a linmem log, and `CorruptMemory` says when it is not.
     """
 
-    def __init__(self, path: Path, *, create: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, index: bool = True) -> None:
         self.path = Path(path)
+        # Without its index (only benchmarks open a log so, to time writes without it), a write
+        # marks the index stale and the next indexed use rebuilds it.
+        self._lexical = index
+        self._index_checked = False
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[str, bytes] | None = None
@@ -246,7 +264,9 @@ class Log:
                 chain = _row_digest(chain, (item_id, item.text, item.clip, item.time, item.source, meta))
                 db.execute("UPDATE items SET chain = ? WHERE id = ?", (chain, item_id))
                 ids.append(item_id)
+            self._index_rows(db, [(i, item.text) for i, item in zip(ids, items, strict=True)])
             db.execute("UPDATE info SET value = value + 1 WHERE key = 'version'")
+            db.execute("UPDATE info SET value = value + ? WHERE key = 'count'", (len(ids),))
             return ids
 
         ids = self._write(insert)
@@ -262,11 +282,14 @@ class Log:
         def remove(db: sqlite3.Connection) -> int:
             n = 0
             for chunk in _chunks(wanted, _IN_CHUNK):
-                n += db.execute(
-                    f"DELETE FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk
-                ).rowcount
+                marks = ",".join("?" * len(chunk))
+                n += db.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk).rowcount
+                if self._lexical:
+                    db.execute(f"DELETE FROM items_fts WHERE rowid IN ({marks})", chunk)
             if n:
+                self._unindexed(db)
                 self._rechain(db, wanted[0])
+                db.execute("UPDATE info SET value = value - ? WHERE key = 'count'", (n,))
                 db.execute("UPDATE info SET value = value + 1 WHERE key IN ('version', 'epoch')")
             return n
 
@@ -277,6 +300,12 @@ class Log:
 
         def remove(db: sqlite3.Connection) -> int:
             n = db.execute("DELETE FROM items").rowcount
+            # Dropped and made again rather than emptied row by row: faster, and it also works
+            # when the index is damaged.
+            db.execute("DROP TABLE IF EXISTS items_fts")
+            db.execute(_FTS_TABLE)
+            db.execute("DELETE FROM info WHERE key = 'fts_stale'")
+            db.execute("UPDATE info SET value = 0 WHERE key = 'count'")
             if n:
                 db.execute("UPDATE info SET value = value + 1 WHERE key IN ('version', 'epoch')")
             return n
@@ -288,6 +317,98 @@ class Log:
             "SELECT chain FROM items WHERE id < ? ORDER BY id DESC LIMIT 1", (from_id,)
         ).fetchone()
         _chain_after(db, before[0] if before else _seed(self.log_id), from_id)
+
+    def _index_rows(self, db: sqlite3.Connection, rows: Sequence[tuple[int, str]]) -> None:
+        if self._lexical:
+            db.executemany(
+                "INSERT INTO items_fts (rowid, text) VALUES (?, ?)",
+                [(i, lexical.document(text)) for i, text in rows],
+            )
+        else:
+            self._unindexed(db)
+
+    def _unindexed(self, db: sqlite3.Connection) -> None:
+        if not self._lexical:
+            db.execute("INSERT OR REPLACE INTO info VALUES ('fts_stale', 1)")
+
+    # Full-text search
+
+    def search(self, query: str, limit: int) -> list[tuple[int, float]]:
+        """The items whose text best matches `query` by BM25, best first (ties: lower id), at
+        most `limit`: (item id, score), scores positive, higher better. The query is words, never
+        FTS5 syntax (see `linmem.lexical.match`); one without words matches nothing."""
+        check_id(limit, "limit")
+        if not isinstance(query, str):
+            raise BadInput(f"query must be a string, found {_short(query)}")
+        expr = lexical.match(query)
+        if expr is None or limit == 0:
+            return []
+        sql = (
+            "SELECT rowid, -bm25(items_fts) FROM items_fts WHERE items_fts MATCH ? "
+            "ORDER BY bm25(items_fts), rowid LIMIT ?"
+        )
+        return [
+            (int(i), float(s)) for i, s in self._indexed(lambda db: db.execute(sql, (expr, limit)).fetchall())
+        ]
+
+    def index_terms(self) -> tuple[LogState, list[int], list[tuple[str, int]]]:
+        """The log's state, its item ids in order, and every token occurrence the full-text index
+        holds as (token, item id), grouped by token; read in one transaction, so all three agree
+        (for in-RAM copies of the index)."""
+
+        def read(db: sqlite3.Connection) -> tuple[LogState, list[int], list[tuple[str, int]]]:
+            vocab = "fts5vocab(main, items_fts, instance)"
+            db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.items_terms USING {vocab}")
+            db.execute("BEGIN")
+            try:
+                rows = db.execute("SELECT term, doc FROM temp.items_terms").fetchall()
+                ids = [r[0] for r in db.execute("SELECT id FROM items ORDER BY id")]
+                state = self._state(db)
+            finally:
+                db.execute("COMMIT")
+            return state, ids, rows
+
+        return self._indexed(read)
+
+    def check_index(self, *, full: bool = False) -> str | None:
+        """What is wrong with the full-text index, or None if nothing is. The quick check compares
+        the index's rows with the items; `full` also runs FTS5's own integrity check, which reads
+        the whole index."""
+        try:
+            problem = self._read(_quick_index_problem)
+            if problem is None and full:
+                problem = self._write(_full_index_problem)
+        except CorruptMemory as e:
+            return str(e)
+        return problem
+
+    def rebuild_index(self) -> int:
+        """Build the full-text index again from the items; returns how many it indexed."""
+        if not self._lexical:
+            raise LinmemError(f"{self.path}: this log was opened without its index (index=False)")
+        return self._write(_rebuild_index)
+
+    def _indexed(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `op` on the index, first checking it (fully, once per log object); an index found
+        damaged, then or by `op` failing, is rebuilt from the items and `op` runs again."""
+        if not self._lexical:
+            raise LinmemError(f"{self.path}: this log was opened without its index (index=False)")
+        try:
+            if not self._index_checked:
+                # Once per log object: the full check reads the whole index (0.9 s at 100,000
+                # items), and only it catches damage that makes FTS5 answer wrongly, not fail.
+                problem = self._read(_quick_index_problem) or self._write(_full_index_problem)
+                if problem is not None:
+                    log.warning("%s: full-text index %s; rebuilding it from the items", self.path, problem)
+                    self._write(_rebuild_index)
+                self._index_checked = True
+            return self._read(op)
+        except (CorruptMemory, sqlite3.DatabaseError) as e:
+            if not _is_index_damage(e):
+                raise
+            log.warning("%s: full-text index damaged (%s); rebuilding it from the items", self.path, e)
+            self._write(_rebuild_index)
+            return self._read(op)
 
     # Reading
 
@@ -330,9 +451,8 @@ class Log:
     def _state(self, db: sqlite3.Connection) -> LogState:
         info = dict(db.execute("SELECT key, value FROM info").fetchall())
         last = db.execute("SELECT id, chain FROM items ORDER BY id DESC LIMIT 1").fetchone()
-        count = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         last_id, chain = last if last else (0, _seed(self.log_id))
-        return LogState(info["version"], info["epoch"], last_id, count, self.log_id, chain.hex())
+        return LogState(info["version"], info["epoch"], last_id, info["count"], self.log_id, chain.hex())
 
     def _extends(self, db: sqlite3.Connection, prefix: LogState) -> bool:
         if prefix.log_id != self.log_id:
@@ -425,7 +545,7 @@ class Log:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            self._identity = _migrate(db)
+            self._identity = _migrate(db, self._lexical)
         except BaseException:
             db.close()
             raise
@@ -453,9 +573,10 @@ class Log:
                 self._lock.release()
 
 
-def _migrate(db: sqlite3.Connection) -> tuple[str, bytes]:
+def _migrate(db: sqlite3.Connection, indexed: bool = True) -> tuple[str, bytes]:
     """Bring the file to the current schema (once, whichever process gets there first) and return
-    the log's (id, secret). Schema 1 logs get an identity and their chain here."""
+    the log's (id, secret). Schema 1 logs get an identity and their chain here, schema 2 logs
+    their full-text index, and an index left stale by an unindexed writer is rebuilt."""
     db.execute("BEGIN IMMEDIATE")
     try:
         for statement in _TABLES:
@@ -468,8 +589,14 @@ def _migrate(db: sqlite3.Connection) -> tuple[str, bytes]:
             ident = {"log_id": secrets.token_hex(16), "secret": secrets.token_hex(32)}
             db.executemany("INSERT OR REPLACE INTO identity VALUES (?, ?)", list(ident.items()))
         schema = db.execute("SELECT value FROM info WHERE key = 'schema'").fetchone()[0]
-        if schema < SCHEMA_VERSION:
+        if schema < 2:
             _chain_after(db, _seed(ident["log_id"]), 0)
+        if schema < 3 or (indexed and _stale(db)):
+            _rebuild_index(db)
+        if db.execute("SELECT 1 FROM info WHERE key = 'count'").fetchone() is None:
+            # Kept by every write since schema 3, so reading the state is not a scan of the items.
+            db.execute("INSERT INTO info SELECT 'count', COUNT(*) FROM items")
+        if schema < SCHEMA_VERSION:
             db.execute("UPDATE info SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
         elif schema > SCHEMA_VERSION:
             raise CorruptMemory(f"the log has schema {schema}; this linmem reads up to {SCHEMA_VERSION}")
@@ -489,6 +616,68 @@ def _chain_after(db: sqlite3.Connection, chain: bytes, after_id: int) -> None:
         chain = _row_digest(chain, row)
         updates.append((chain, row[0]))
     db.executemany("UPDATE items SET chain = ? WHERE id = ?", updates)
+
+
+def _stale(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM info WHERE key = 'fts_stale'").fetchone() is not None
+
+
+def _rebuild_index(db: sqlite3.Connection) -> int:
+    """Make the full-text index again from the items. The old table is dropped, not emptied: a
+    damaged index may not survive the reads that deleting its rows takes."""
+    db.execute("DROP TABLE IF EXISTS items_fts")
+    db.execute(_FTS_TABLE)
+    rows = db.execute("SELECT id, text FROM items ORDER BY id").fetchall()
+    db.executemany(
+        "INSERT INTO items_fts (rowid, text) VALUES (?, ?)", [(i, lexical.document(t)) for i, t in rows]
+    )
+    db.execute("DELETE FROM info WHERE key = 'fts_stale'")
+    return len(rows)
+
+
+def _quick_index_problem(db: sqlite3.Connection) -> str | None:
+    """Why the index cannot be trusted, or None, read in one transaction: it must hold one row
+    per item, with the same ids at both ends (a row lost or added shows in the count or the ends)."""
+    db.execute("BEGIN")
+    try:
+        if _stale(db):
+            return "is stale (items were written without it)"
+        items = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM items").fetchone()
+        indexed = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM items_fts_content").fetchone()
+        sizes = db.execute("SELECT COUNT(*) FROM items_fts_docsize").fetchone()
+    finally:
+        db.execute("COMMIT")
+    if tuple(items) != tuple(indexed) or sizes[0] != items[0]:
+        return f"holds {indexed[0]} rows ({sizes[0]} sizes) for {items[0]} items"
+    return None
+
+
+def _full_index_problem(db: sqlite3.Connection) -> str | None:
+    """FTS5's own integrity check, which reads the whole index (run inside a write transaction)."""
+    try:
+        db.execute("INSERT INTO items_fts (items_fts, rank) VALUES ('integrity-check', 1)")
+    except sqlite3.DatabaseError as e:
+        if not _is_index_damage(e):
+            raise
+        return f"fails its integrity check ({e})"
+    return None
+
+
+# Failures that are not the index's fault: waiting, a full disk, memory, an interrupted call.
+_TRANSIENT = {
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN,
+}  # fmt: skip
+
+
+def _is_index_damage(e: Exception) -> bool:
+    """Whether a failure met inside an index operation means the index is broken: SQLite's error
+    (raw, or as the CorruptMemory it became) and not a transient one."""
+    cause = e if isinstance(e, sqlite3.DatabaseError) else e.__cause__
+    if not isinstance(cause, sqlite3.DatabaseError):
+        return False
+    code = getattr(cause, "sqlite_errorcode", None)
+    return not (isinstance(code, int) and code & 0xFF in _TRANSIENT)
 
 
 def _translate(e: sqlite3.Error, path: Path) -> Exception:

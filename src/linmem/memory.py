@@ -232,7 +232,7 @@ class Memory:
         return self.log.state()
 
     def reader(self, backend: str = "lm", **options: Any) -> Any:
-        """The reader for `backend` ("lm" or "embedding") with these options, built once."""
+        """The reader for `backend` ("lm", "embedding" or "hybrid") with these options, built once."""
         from .readers import make_reader
 
         key = (backend, tuple(sorted(options.items())))
@@ -245,8 +245,10 @@ class Memory:
     read = ask
     query = ask
 
-    def rank(self, query: str, k: int = 5, *, backend: str = "lm", **options: Any) -> Answer:
-        """The `k` clips most relevant to `query`, best first, in `Answer.clips`."""
+    def rank(self, query: str, k: int = 5, *, backend: str = "hybrid", **options: Any) -> Answer:
+        """The `k` clips most relevant to `query`, best first, in `Answer.clips` (and their lines
+        in `Answer.hits`). The default, hybrid lexical + dense search, answers in milliseconds;
+        `backend="lm"` lets the language model rank."""
         return self.reader(backend, **options).rank(query, k)
 
     search = rank

@@ -23,6 +23,9 @@ import ctypes
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -50,10 +53,51 @@ def _llama() -> Any:
         import llama_cpp
     except ImportError:
         raise ModelUnavailable(INSTALL_HINT) from None
+    problem = unusable()
+    if problem:
+        raise ModelUnavailable(problem)
     # The binding prints every llama.cpp log line unless its logger says otherwise; linmem
     # reports load failures in its own words.
     logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
     return llama_cpp
+
+
+_PROBE = "import llama_cpp; llama_cpp.llama_backend_init()"
+_probed: list[str | None] = []
+
+
+def unusable() -> str | None:
+    """Why the installed llama.cpp cannot run on this CPU, or None when it can.
+
+    A binding built with `-march=native` on a newer CPU (AVX-512) dies at its first call on an
+    older one (AVX2) with an illegal instruction, which no Python code can catch; so the first
+    use in a process asks a child process to start llama.cpp first (about 0.3 s, once)."""
+    if not _probed:
+        try:
+            import llama_cpp
+        except ImportError:
+            _probed.append(INSTALL_HINT)
+            return _probed[0]
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", _PROBE], capture_output=True, timeout=120, check=False
+            )
+        except subprocess.TimeoutExpired:
+            _probed.append(f"llama-cpp-python {llama_cpp.__version__}: starting llama.cpp took over 120 s")
+            return _probed[0]
+        # Killed by a signal: negative, or 128 + the signal when a shell sits in between.
+        sig = -done.returncode if done.returncode < 0 else done.returncode - 128
+        if done.returncode < 0 or sig == signal.SIGILL:
+            why = "an illegal instruction" if sig == signal.SIGILL else f"signal {sig}"
+            _probed.append(
+                f"llama-cpp-python {llama_cpp.__version__} ({Path(llama_cpp.__file__).parent}) dies with "
+                f"{why} on this CPU: it was built for another one (a wheel made with -march=native on "
+                "an AVX-512 machine, run on an AVX2 one). Build it here: pip install --force-reinstall "
+                f"--no-deps --no-binary llama-cpp-python llama-cpp-python=={llama_cpp.__version__}"
+            )
+        else:
+            _probed.append(None)
+    return _probed[0]
 
 
 # Finding model files

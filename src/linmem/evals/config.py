@@ -50,8 +50,10 @@ TABLES = (
 )
 SYSTEM_KEYS = {
     "name", "backend", "model", "embedder", "top_k", "threshold", "max_new_tokens",
-    "context_length", "overflow", "stateless", "memory_budget_mb",
+    "context_length", "overflow", "stateless", "memory_budget_mb", "lexical_weight", "second_line",
+    "rerank", "rerank_depth",
 }  # fmt: skip
+BACKENDS = ("lm", "embedding", "hybrid")
 AGENT_KEYS = {"controller", "policy", "rounds", "max_new_tokens", "temperature"}
 JUDGE_KEYS = {"model"}
 RUN_KEYS = {"batch", "concurrency", "k", "seed"}
@@ -131,8 +133,11 @@ def offline(config: Config) -> Config:
         if s.backend == "lm":
             options["model"] = swap(options.get("model") or "openai:", OFFLINE_LM)
             options.setdefault("max_new_tokens", 32)
-        elif "embedder" in options:
-            options["embedder"] = swap(options["embedder"], OFFLINE_EMBEDDER)
+        else:
+            if "embedder" in options:
+                options["embedder"] = swap(options["embedder"], OFFLINE_EMBEDDER)
+            if "model" in options:  # the hybrid reader's re-ranking LM
+                options["model"] = swap(options["model"], OFFLINE_LM)
         systems.append(SystemConfig(s.name, s.backend, options, s.memory_budget_mb))
     agent = dict(config.agent) if config.agent else None
     if agent:
@@ -205,8 +210,10 @@ def _check(raw: dict[str, Any], path: Path, text: str) -> Config:
         _known(entry, SYSTEM_KEYS, f"{where}: systems[{i}]")
         s = dict(entry)
         backend = s.pop("backend", "lm")
-        if backend not in ("lm", "embedding"):
-            raise BadInput(f"{where}: systems[{i}].backend must be 'lm' or 'embedding', found {backend!r}")
+        if backend not in BACKENDS:
+            raise BadInput(
+                f"{where}: systems[{i}].backend must be one of {', '.join(BACKENDS)}, found {backend!r}"
+            )
         name = str(s.pop("name", s.get("model") or s.get("embedder") or backend))
         budget = s.pop("memory_budget_mb", None)
         systems.append(SystemConfig(name=name, backend=backend, options=s, memory_budget_mb=budget))

@@ -1,4 +1,5 @@
-"""Readers answer questions over a memory: the LM reader (the seed's method) and the embedding baseline."""
+"""Readers answer questions over a memory: the LM reader (the seed's method), the embedding
+baseline (M3-Agent's), and the hybrid lexical + dense search agents use by default."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .base import Reader
 if TYPE_CHECKING:
     from ..memory import Memory
 
-BACKENDS = ("lm", "embedding")
+BACKENDS = ("lm", "embedding", "hybrid")
 
 
 def make_reader(memory: Memory, backend: str, **options: Any) -> Reader:
@@ -23,6 +24,10 @@ def make_reader(memory: Memory, backend: str, **options: Any) -> Reader:
         from .embedding import EmbeddingReader
 
         return EmbeddingReader(memory, **options)
+    if backend == "hybrid":
+        from .hybrid import HybridReader
+
+        return HybridReader(memory, **options)
     raise UnknownSpec(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -87,6 +87,10 @@ class EmbeddingReader:
         if self._embedder is None:
             self._embedder = load_embedder(self._spec)
         return self._embedder
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.id
 
     @property
     def index(self) -> VectorIndex:
@@ -156,7 +160,8 @@ class EmbeddingReader:
                 query_start = time.perf_counter()
                 q = self.embedder.embed([query])[0]
                 query_tokens = self.embedder.count_tokens([query])[0]
-                hits = self._search(vectors, q, k, clips_only=clips_only, exclude=exclude)
+                hits, extra = self._search(vectors, query, q, k, clips_only=clips_only, exclude=exclude)
+                work = work.plus(extra)
                 timings = Timings(
                     total_s=time.perf_counter() - start,
                     prefill_s=work.embed_s,
@@ -182,7 +187,7 @@ class EmbeddingReader:
         return Answer(
             text="\n".join(render(items) for _, items in hits).rstrip("\n"),
             clips=tuple(h.clip for h, _ in hits if h.clip is not None),
-            model=self.embedder.id,
+            model=self.model_id,
             tokens=Tokens(
                 memory=total if known else None,
                 processed=query_tokens + work.tokens,
@@ -197,8 +202,17 @@ class EmbeddingReader:
         return EmptyMemory(f"memory {self.memory.name!r} has no items to search: write some first")
 
     def _search(
-        self, vectors: _Vectors, q: np.ndarray, k: int, *, clips_only: bool, exclude: frozenset[int]
-    ) -> list[tuple[Hit, list[Item]]]:
+        self,
+        vectors: _Vectors,
+        query: str,
+        q: np.ndarray,
+        k: int,
+        *,
+        clips_only: bool,
+        exclude: frozenset[int],
+    ) -> tuple[list[tuple[Hit, list[Item]]], _Work]:
+        """The best `k` units for the query (text `query`, vector `q`), and any work done beyond
+        the vectors' sync (for readers built on this one)."""
         units = vectors.units()
         line_scores = vectors.matrix() @ q
         scores = np.full(len(units.clip), -np.inf, dtype=np.float32)
@@ -210,7 +224,7 @@ class EmbeddingReader:
             order = order[scores[order] >= self.threshold]
         if exclude:
             order = order[~np.isin(units.clip[order], list(exclude))]
-        return [self._hit(vectors, units, int(u), float(scores[u])) for u in order[:k]]
+        return [self._hit(vectors, units, int(u), float(scores[u])) for u in order[:k]], _Work()
 
     @staticmethod
     def _hit(vectors: _Vectors, units: _Units, unit: int, score: float) -> tuple[Hit, list[Item]]:
@@ -421,6 +435,8 @@ class _Vectors:
         self._row_of: dict[int, int] = {}
         self._buffer = np.zeros((0, dim), dtype=np.float32)
         self._units: _Units | None = None
+        self._cached: tuple[int, bool, np.ndarray, np.ndarray] | None = None
+        self._int8: Any = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -428,15 +444,46 @@ class _Vectors:
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._row_of
 
+    def row_of(self, item_id: int) -> int | None:
+        """The row of an item's vector, None if it has none."""
+        return self._row_of.get(item_id)
+
     def matrix(self) -> np.ndarray:
         return self._buffer[: len(self.items)]
 
     def total_tokens(self) -> int:
-        return sum(self._tokens)
+        return self._derived()[0]
 
     def tokens_known(self) -> bool:
         """False when the embedder could not count some line (it reported 0 tokens)."""
-        return all(self._tokens)
+        return self._derived()[1]
+
+    def int8(self) -> Any:
+        """An int8 copy of the rows for fast bounded cosines (`linmem.readers.int8`), packed
+        again once many rows were added since; None where the kernel is unavailable."""
+        from .int8 import quantize, stale
+
+        n = len(self.items)
+        if stale(self._int8, n):
+            self._int8 = quantize(self.matrix())
+        return self._int8
+
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """The row of each item id (int64 array), -1 for an id without a vector."""
+        _, _, ids, order = self._derived()
+        if not len(ids):
+            return np.full(len(item_ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(ids, item_ids), len(ids) - 1)
+        return np.where(ids[at] == item_ids, order[at], -1)
+
+    def _derived(self) -> tuple[int, bool, np.ndarray, np.ndarray]:
+        """Sums and lookups over the rows, computed once per change (a read at 100,000 items
+        would otherwise spend milliseconds on them)."""
+        if self._cached is None:
+            row_ids = np.array([item.id or 0 for item in self.items], dtype=np.int64)
+            order = np.argsort(row_ids, kind="stable")
+            self._cached = (sum(self._tokens), all(self._tokens), row_ids[order], order)
+        return self._cached
 
     def append(self, items: Sequence[Item], rows: Sequence[CacheRow]) -> None:
         n, extra = len(self.items), len(rows)
@@ -451,6 +498,7 @@ class _Vectors:
             self._tokens.append(row.tokens)
             self._text_sha.append(row.text_sha)
         self._units = None
+        self._cached = None
 
     def retain(self, items: Sequence[Item]) -> None:
         """Keep only the rows of `items` whose text is the one embedded, as those items (their
@@ -461,8 +509,10 @@ class _Vectors:
             for r, item in enumerate(self.items)
             if item.id in current and self._text_sha[r] == text_digest(current[item.id].text)
         ]
+        self._int8 = None  # rows may move: the packed copy no longer lines up
         self.items = [current[self.items[r].id] for r in keep]  # type: ignore[index]
         self._units = None
+        self._cached = None
         if len(keep) == len(self._text_sha):
             return
         self._buffer = self._buffer[keep].copy()
@@ -470,6 +520,7 @@ class _Vectors:
         self._text_sha = [self._text_sha[r] for r in keep]
         self._row_of = {item.id: r for r, item in enumerate(self.items) if item.id is not None}
         self._units = None
+        self._cached = None
 
     def rows(self) -> list[CacheRow]:
         return [

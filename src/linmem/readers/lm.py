@@ -99,6 +99,16 @@ class LMReader:
         clips = tuple(render.parse_ranking(gen.text, self.memory.log.clips())[:k])
         return self._answer(gen, clips, t0, notes)
 
+    def rank_among(self, query: str, items: Sequence[Item], k: int) -> tuple[list[int], Generation]:
+        """The clips of `items` (a few candidates, not the memory) ranked for `query`, best first,
+        at most `k`, and the generation that ranked them. Read without a snapshot: the candidates
+        differ for every query."""
+        prompt = prompts.rank_prompt(render.segments(items), query, k)
+        max_new = 8 * k + 16
+        self._check_fits(prompt, max_new)
+        gen = self.engine.generate(prompt, max_new_tokens=max_new)
+        return render.parse_ranking(gen.text, [i.clip for i in items if i.clip is not None])[:k], gen
+
     def read_many(self, queries: Sequence[str]) -> list[Answer]:
         """`[self.read(q) for q in queries]`, read in batches from one snapshot (see
         `_complete_many` for how work and time are shared out)."""

@@ -111,8 +111,12 @@ class Allowed:
         out = dict(options)
         if backend == "lm":
             out["model"] = self.model(out.get("model"))
-        elif backend == "embedding":
+        elif backend in ("embedding", "hybrid"):
             out["embedder"] = self.embedder(out.get("embedder"))
+            if backend == "hybrid" and out.get("rerank") is not None:
+                out["model"] = self.model(out.get("model"))
+            elif out.get("model") is not None:
+                out["model"] = self.model(out["model"])  # refused by the reader, but never loaded
         return out
 
 
@@ -233,7 +237,7 @@ class Service:
         reader = self.reader(name, backend, **options)
         return self._batcher(reader, "read").submit(query, reader.read_many)
 
-    def rank(self, name: str, query: str, k: int = 5, *, backend: str = "lm", **options: Any) -> Answer:
+    def rank(self, name: str, query: str, k: int = 5, *, backend: str = "hybrid", **options: Any) -> Answer:
         check_bounds({"k": k})
         reader = self.reader(name, backend, **options)
         return self._batcher(reader, f"rank:{k}").submit(query, _ranker(reader, k))

@@ -72,6 +72,8 @@ STATUS = {
 }
 LM_OPTIONS = ("model", "stateless", "max_new_tokens", "context_length", "overflow")
 EMBEDDING_OPTIONS = ("embedder", "top_k", "threshold")
+HYBRID_OPTIONS = ("embedder", "top_k", "lexical_weight", "second_line", "rerank", "rerank_depth", "model")
+_OPTIONS = {"lm": LM_OPTIONS, "embedding": EMBEDDING_OPTIONS, "hybrid": HYBRID_OPTIONS}
 
 
 class ErrorDetail(BaseModel):
@@ -98,8 +100,12 @@ class WriteRequest(_Body):
 
 
 class _ReadRequest(_Body):
-    backend: Literal["lm", "embedding"] = "lm"
-    model: str | None = Field(None, description="LM spec, one of those the server allows (--allow-model)")
+    backend: Literal["lm", "embedding", "hybrid"] = "lm"
+    model: str | None = Field(
+        None,
+        description="LM spec, one of those the server allows (--allow-model); for the hybrid reader, "
+        "the re-ranking LM (with rerank)",
+    )
     stateless: bool | None = None
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     context_length: int | None = Field(None, ge=1, le=2**24)
@@ -109,11 +115,20 @@ class _ReadRequest(_Body):
     )
     top_k: int | None = Field(None, ge=1, le=MAX_K)
     threshold: float | None = Field(None, allow_inf_nan=False)
+    lexical_weight: float | None = Field(None, ge=0, le=1, description="hybrid: the lexical half's weight")
+    second_line: float | None = Field(None, ge=0, le=1, description="hybrid: weight of a clip's second line")
+    rerank: Literal["lm"] | None = Field(
+        None, description="hybrid: let the LM (model) re-rank the best clips"
+    )
+    rerank_depth: int | None = Field(
+        None, ge=1, le=MAX_K, description="hybrid: how many clips the LM re-ranks"
+    )
 
     def options(self) -> dict[str, Any]:
-        """The reader's options that were given; one meant for the other backend is refused."""
-        mine = LM_OPTIONS if self.backend == "lm" else EMBEDDING_OPTIONS
-        given = {k: v for k in (*LM_OPTIONS, *EMBEDDING_OPTIONS) if (v := getattr(self, k)) is not None}
+        """The reader's options that were given; one meant for another backend is refused."""
+        mine = _OPTIONS[self.backend]
+        known = dict.fromkeys(o for options in _OPTIONS.values() for o in options)
+        given = {k: v for k in known if (v := getattr(self, k)) is not None}
         stray = sorted(set(given) - set(mine))
         if stray:
             raise BadInput(
@@ -127,6 +142,8 @@ class AskRequest(_ReadRequest):
 
 
 class RankRequest(_ReadRequest):
+    # Search defaults to the hybrid reader: milliseconds, no model to load.
+    backend: Literal["lm", "embedding", "hybrid"] = "hybrid"
     query: str = Field(min_length=1)
     k: int = Field(5, ge=1, le=MAX_K)
 

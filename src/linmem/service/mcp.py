@@ -4,9 +4,10 @@ Tools: `memory_write`, `memory_query`, `memory_search`, `memory_list`. Each is a
 over the service; a linmem error comes back as an MCP tool error whose text starts with the
 error's code (`no_such_memory: ...`), so a model can read it and correct its call.
 
-The reader a call uses when it names none is the server's default: `embedding` (answers in
-milliseconds with the embedder that ships with linmem, so a desktop client works without a
-GPU or a model download), or what `LINMEM_MCP_BACKEND` / `LINMEM_MCP_MODEL` or `run()` say.
+The reader a call uses when it names none is the server's default: `hybrid` (BM25 over the log's
+full-text index fused with the embedder that ships with linmem: milliseconds, and a desktop client
+works without a GPU or a model download), or what `LINMEM_MCP_BACKEND` / `LINMEM_MCP_MODEL` or
+`run()` say. A `memory_query` that names a model but no backend is read by that model (`lm`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from .core import (
 
 ENV_BACKEND = "LINMEM_MCP_BACKEND"
 ENV_MODEL = "LINMEM_MCP_MODEL"
-DEFAULT_BACKEND = "embedding"
+DEFAULT_BACKEND = "hybrid"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8766
 HTTP_PATH = "/mcp"
@@ -82,7 +83,7 @@ INSTRUCTIONS = (
     "which memories exist with memory_list."
 )
 
-Backend = Literal["lm", "embedding"]
+Backend = Literal["lm", "embedding", "hybrid"]
 
 _ITEM_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -113,15 +114,17 @@ CreateArg = Annotated[bool, Field(description="create the memory if it does not 
 BackendArg = Annotated[
     Backend | None,
     Field(
-        description='"lm": a language model reads the whole memory and answers in prose; "embedding": '
-        "similarity search that returns the best clips verbatim. Default: the server's setting."
+        description='"lm": a language model reads the whole memory and answers in prose; "hybrid": '
+        'keyword (BM25) and similarity search fused, returning the best clips verbatim; "embedding": '
+        "similarity search alone (M3-Agent's baseline). Default: the server's setting."
     ),
 ]
 ModelArg = Annotated[
     str | None,
     Field(
-        description="model spec for the chosen backend: an LM (hf:REPO, openai:URL#MODEL, tiny:NAME) or "
-        "an embedder (st:NAME, hash:DIM, openai:URL#MODEL). Default: the server's setting."
+        description="model spec for the chosen backend: an LM for lm (hf:REPO, gguf:NAME, openai:URL#MODEL, "
+        "tiny:NAME), an embedder for embedding and hybrid (st:NAME, hash:DIM, openai:URL#MODEL). "
+        "Default: the server's setting."
     ),
 ]
 
@@ -197,13 +200,14 @@ Returns the new items' ids."""
 
 QUERY_DOC = """\
 Answer a question from a memory. With backend "lm" a language model reads the whole memory and
-answers in natural language, citing the clips it used; with "embedding" the answer is the memory's
-clips most similar to the question, verbatim. Returns the answer, the cited clip ids, the model,
-token counts and timings (and, for "embedding", the clips found with their lines in "hits")."""
+answers in natural language, citing the clips it used; with "hybrid" (keyword and similarity search
+fused) or "embedding" (similarity alone) the answer is the memory's best-matching clips, verbatim.
+Returns the answer, the cited clip ids, the model, token counts and timings (and, for "hybrid" and
+"embedding", the clips found with their lines in "hits")."""
 
 SEARCH_DOC = """\
 Find the k clips of a memory most relevant to a query, best first. Returns their ids in "clips" and,
-in "hits", each clip with its lines verbatim (and, for the "embedding" backend, its similarity
+in "hits", each clip with its lines verbatim (and, for the "hybrid" and "embedding" backends, its
 score). Use it to look up what the memory holds about something; use memory_query to get an
 answer."""
 
@@ -243,6 +247,12 @@ def build_server(
             return backend, {}
         return backend, {"model" if backend == "lm" else "embedder": model}
 
+    def query_reader(backend: str | None, model: str | None) -> tuple[str, dict[str, Any]]:
+        # A model named for a question, with no backend, is an LM asked to read the memory.
+        if backend is None and model is not None and default_backend != "lm":
+            return reader("lm", model)
+        return reader(backend, model)
+
     def memory_write(memory: MemoryArg, items: ItemsArg, create: CreateArg = True) -> WriteOut:
         batch = check_items(items, max_item_bytes=MAX_ITEM_BYTES)  # the HTTP API's limit
         if create:
@@ -257,7 +267,7 @@ def build_server(
         backend: BackendArg = None,
         model: ModelArg = None,
     ) -> AnswerOut:
-        name, options = reader(backend, model)
+        name, options = query_reader(backend, model)
         return _answer_out(service.ask(memory, question, backend=name, **options))
 
     def memory_search(
@@ -337,7 +347,7 @@ def run(
     # from an LLM, which may have read anything.
     allowed = Allowed.of(
         default_model if default_backend == "lm" else None,
-        default_model if default_backend == "embedding" else None,
+        default_model if default_backend in ("embedding", "hybrid") else None,
         allow_models,
         allow_embedders,
     )

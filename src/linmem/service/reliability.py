@@ -55,8 +55,11 @@ from typing import Any
 
 import httpx
 
+from ..log import Log
+
 TOKEN = "reliability-token"
 READ_OPTIONS = {"backend": "embedding", "embedder": "hash"}
+HYBRID_OPTIONS = {"backend": "hybrid", "embedder": "hash"}
 LM_OPTIONS = {"backend": "lm", "model": "tiny:qwen3.5", "max_new_tokens": 4}
 TINY_LM = {"backend": "lm", "model": "tiny:qwen3.5", "max_new_tokens": 8}
 
@@ -295,9 +298,11 @@ def audit(texts: list[str], sent: dict[str, int], acked: set[str]) -> list[str]:
 
 
 def check_corruption(home: Path) -> dict[str, Any]:
-    """Damage the snapshot and the embedding cache while the server is down; after a restart both
-    are rebuilt: the LM read has the stateless read's tokens, the saved snapshot its logits."""
+    """Damage the snapshot, the embedding cache and the log's full-text index while the server is
+    down; after a restart all three are rebuilt: the LM read has the stateless read's tokens, the
+    saved snapshot its logits, the embedding and hybrid searches their answers of before."""
     questions = ["Where is the mug?", "Who waters the fern?"]
+    readers = (TINY_LM, READ_OPTIONS, HYBRID_OPTIONS)
     with running(home) as server, server.client() as client:
         _create(client, "corrupt")
         items = [
@@ -305,7 +310,7 @@ def check_corruption(home: Path) -> dict[str, Any]:
             for i, w in enumerate(["mug", "fern", "keys"] * 4)
         ]
         client.post("/v1/memories/corrupt/items", json={"items": items}).raise_for_status()
-        before = [_ask(client, "corrupt", q, opts) for q in questions for opts in (TINY_LM, READ_OPTIONS)]
+        before = [_ask(client, "corrupt", q, opts) for q in questions for opts in readers]
     cache = home / "corrupt" / "cache"
     damaged = []
     for path in sorted(cache.rglob("*")):
@@ -315,22 +320,39 @@ def check_corruption(home: Path) -> dict[str, Any]:
             data[-3] ^= 0xFF
             path.write_bytes(bytes(data))
             damaged.append(str(path.relative_to(cache)))
+    index = _damage_index(home / "corrupt" / "log.sqlite")
     with running(home) as server, server.client() as client:
-        after = [_ask(client, "corrupt", q, opts) for q in questions for opts in (TINY_LM, READ_OPTIONS)]
+        after = [_ask(client, "corrupt", q, opts) for q in questions for opts in readers]
         exact = _exact_read(client, "corrupt")
     verified = verify_snapshot(home, "corrupt")
     same = [
         a["answer"] == b["answer"] and a["clips"] == b["clips"] for a, b in zip(before, after, strict=True)
     ]
     notes = sorted({n for a in after for n in a.get("notes", []) if "corrupt" in n or "rebuilt" in n.lower()})
+    searches_same = [x for i, x in enumerate(same) if i % len(readers)]  # embedding and hybrid: exact
     return {
         "damaged_files": damaged,
+        "index_damage": index,
         "same_answers": all(same),
+        "searches_same": all(searches_same),
+        "index_ok_after": Log(home / "corrupt" / "log.sqlite").check_index(full=True) is None,
         "lm_tokens_exact": exact,
         "snapshot": verified,
         "notes": notes,
-        "ok": bool(damaged) and exact and verified["ok"] and all(same[1::2]),  # embedding answers are exact
+        "ok": bool(damaged) and bool(index) and exact and verified["ok"] and all(searches_same),
     }
+
+
+def _damage_index(path: Path) -> str:
+    """Zero the full-text index's data blocks inside the log file: FTS5 then answers queries with
+    nothing, without an error, which only its integrity check catches."""
+    db = sqlite3.connect(path)
+    try:
+        n = db.execute("UPDATE items_fts_data SET block = zeroblob(length(block)) WHERE id > 10").rowcount
+        db.commit()
+    finally:
+        db.close()
+    return f"{n} index blocks zeroed" if n else ""
 
 
 def check_backup_restore(home: Path) -> dict[str, Any]:
