@@ -149,6 +149,7 @@ class EmbeddingReader:
         # Checked before the sync too, so that an empty memory does not load a model to say so.
         if self.memory.log.state().count == 0:
             raise self._empty()
+        self._prepare()
         index = self.index
         with index.lock:
             work = index.sync(self.memory.log)
@@ -170,6 +171,9 @@ class EmbeddingReader:
                 answers.append(self._build(vectors, hits, query_tokens, work, timings, clips_only=clips_only))
                 work, start = _Work(), time.perf_counter()
         return answers
+
+    def _prepare(self) -> None:
+        """Bring what a reader built on this one keeps beside the vectors up to date (nothing here)."""
 
     def _build(
         self,

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..embedders import Embedder
 from ..errors import BadInput
-from ..types import Answer, Hit, Item
+from ..types import Hit, Item
 from .bm25 import LexicalIndex
 from .embedding import DEFAULT_TOP_K, EmbeddingReader, _Units, _Vectors, _Work
 
@@ -100,12 +99,9 @@ class HybridReader(EmbeddingReader):
         dense = self._embedder.id if self._embedder is not None else self._spec or "st:all-MiniLM-L6-v2"
         return f"bm25+{dense}"
 
-    def _answers(
-        self, queries: Sequence[str], k: int, *, clips_only: bool, exclude: frozenset[int] = frozenset()
-    ) -> list[Answer]:
-        if queries and self.memory.log.state().count:
+    def _prepare(self) -> None:
+        if self.memory.log.state().count:
             self._lexicon.sync(self.memory.log)
-        return super()._answers(queries, k, clips_only=clips_only, exclude=exclude)
 
     def _search(
         self,
