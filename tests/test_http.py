@@ -344,7 +344,7 @@ def test_ask_with_the_lm_reader_runs_only_the_question_the_second_time(
     tail = load_engine("tiny:qwen3.5").tail_ids(prompts.read_prompt([], "Who reads?"))
     assert second["tokens"]["processed"] == len(tail)
     assert second["tokens"]["cached"] > second["tokens"]["memory"] == first["tokens"]["memory"]
-    ranked = client.post(f"/v1/memories/{house}/rank", json={"query": "mug", "k": 2, **TINY})
+    ranked = client.post(f"/v1/memories/{house}/rank", json={"query": "mug", "k": 2, "backend": "lm", **TINY})
     assert ranked.status_code == 200 and len(ranked.json()["clips"]) <= 2
 
 

@@ -21,7 +21,8 @@ def test_quickstart_runs_and_is_short(linmem_home) -> None:
     code = _block_after("<!-- quickstart")
     assert len([line for line in code.splitlines() if line.strip()]) <= 10
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    first, second = out.splitlines()[:2]
+    search, first, second = out.splitlines()[:3]
+    assert search == "('Alice puts the red mug in the left cupboard.',)"  # hybrid search, verbatim
     assert first.startswith("(0")  # the mug's clip ranks first
     assert "Tokens(memory=" in second
     assert (linmem_home / "robot-day" / "log.sqlite").is_file()

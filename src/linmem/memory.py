@@ -245,10 +245,13 @@ class Memory:
     read = ask
     query = ask
 
-    def rank(self, query: str, k: int = 5, *, backend: str = "hybrid", **options: Any) -> Answer:
+    def rank(self, query: str, k: int = 5, *, backend: str | None = None, **options: Any) -> Answer:
         """The `k` clips most relevant to `query`, best first, in `Answer.clips` (and their lines
         in `Answer.hits`). The default, hybrid lexical + dense search, answers in milliseconds;
-        `backend="lm"` lets the language model rank."""
+        `backend="lm"` lets the language model rank, and so does naming a `model` without
+        `rerank` (a model given with `rerank="lm"` re-ranks the hybrid's best clips)."""
+        if backend is None:
+            backend = "lm" if "model" in options and "rerank" not in options else "hybrid"
         return self.reader(backend, **options).rank(query, k)
 
     search = rank

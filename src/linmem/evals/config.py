@@ -121,8 +121,9 @@ OFFLINE_EMBEDDER = "hash"
 
 def offline(config: Config) -> Config:
     """The same experiment with every remote model swapped for a local stand-in: LM readers
-    become tiny:qwen3.5, the controller and the judge tiny:qwen3, remote embedders the hash
-    embedder. The numbers are noise; the run proves the pipeline end to end without servers."""
+    become tiny:qwen3.5 (and so does the hybrid reader's re-ranking LM, even a local file, which
+    a machine without it could not load), the controller and the judge tiny:qwen3, remote
+    embedders the hash embedder. The numbers are noise; the run proves the pipeline end to end without servers."""
 
     def swap(spec: Any, local: str) -> Any:
         return local if isinstance(spec, str) and spec.startswith("openai:") else spec
@@ -136,8 +137,8 @@ def offline(config: Config) -> Config:
         else:
             if "embedder" in options:
                 options["embedder"] = swap(options["embedder"], OFFLINE_EMBEDDER)
-            if "model" in options:  # the hybrid reader's re-ranking LM
-                options["model"] = swap(options["model"], OFFLINE_LM)
+            if "model" in options:  # the hybrid reader's re-ranking LM, a remote or local file
+                options["model"] = OFFLINE_LM
         systems.append(SystemConfig(s.name, s.backend, options, s.memory_budget_mb))
     agent = dict(config.agent) if config.agent else None
     if agent:
