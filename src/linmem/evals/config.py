@@ -123,7 +123,8 @@ def offline(config: Config) -> Config:
     """The same experiment with every remote model swapped for a local stand-in: LM readers
     become tiny:qwen3.5 (and so does the hybrid reader's re-ranking LM, even a local file, which
     a machine without it could not load), the controller and the judge tiny:qwen3, remote
-    embedders the hash embedder. The numbers are noise; the run proves the pipeline end to end without servers."""
+    embedders the hash embedder. The numbers are noise; the run proves the pipeline end to end
+    without servers."""
 
     def swap(spec: Any, local: str) -> Any:
         return local if isinstance(spec, str) and spec.startswith("openai:") else spec

@@ -426,6 +426,17 @@ class _Units:
     first_id: np.ndarray
     unit_of_row: np.ndarray
     rows: list[list[int]]
+    # The rows grouped by unit (`by_unit[starts[u]:starts[u + 1]]` are unit u's), for gathering
+    # many units' rows at once.
+    by_unit: np.ndarray
+    starts: np.ndarray
+
+    def rows_of_units(self, units: np.ndarray) -> np.ndarray:
+        """The rows of all `units`, unit after unit."""
+        lo, hi = self.starts[units], self.starts[units + 1]
+        lengths = hi - lo
+        offsets = np.repeat(lo - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return self.by_unit[offsets + np.arange(int(lengths.sum()))]
 
 
 class _Vectors:
@@ -564,6 +575,8 @@ def _group(items: Sequence[Item]) -> _Units:
         first_id=np.array(first, dtype=np.int64),
         unit_of_row=unit_of_row,
         rows=rows,
+        by_unit=np.argsort(unit_of_row, kind="stable"),
+        starts=np.searchsorted(np.sort(unit_of_row), np.arange(len(rows) + 1)),
     )
 
 
