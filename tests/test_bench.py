@@ -88,3 +88,17 @@ def test_serving_commands_are_the_readmes() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert shell(vllm_command("Qwen/Qwen3.5-0.8B", max_model_len=262144)) in readme
     assert shell(sglang) in readme
+
+
+def test_search_bench_measures_every_part() -> None:
+    from linmem.bench_search import run_search_bench
+
+    r = run_search_bench(items=400, echo=False)
+    assert r["items"] == 400 and r["index"]["indexed"] == 400 and r["index"]["problem"] is None
+    s = r["search"]
+    for key in ("p50_ms", "p95_ms", "lexical_p50_ms", "fts5_p50_ms", "dense_p50_ms", "int8_dense_p50_ms"):
+        assert s[key] > 0, key
+    assert s["p95_ms"] >= s["p50_ms"] and s["rss_mb_after"] > 0
+    assert r["writes"]["ratio"] > 0 and r["query_embedding"]["p50_ms"] > 0
+    # Scale targets are judged only at 100,000 items; the write ratio at any size.
+    assert r["targets"]["search_p50_ms<=10"] is None and isinstance(r["targets"]["write_ratio<=1.2"], bool)

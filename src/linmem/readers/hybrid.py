@@ -44,9 +44,11 @@ SECOND_LINE = 0.25
 # the thousandth line, too low to lift a unit into any answer's top.
 LEXICAL_LINES = 1000
 RERANK_DEPTH = 20
-# Lines from which the dense half scores with int8 first (`linmem.readers.int8`): below it the
-# exact float32 product takes under 4 ms.
-QUANTIZE_FROM = 20_000
+# Lines from which the dense half scores with int8 first (`linmem.readers.int8`), or None for
+# never. Off by default: at 100,000 items `linmem bench --search` measured it slower than the
+# exact product (p50 25.8 against 21.3 ms, 1 thread), because its proven bound is loose enough
+# to leave many candidates to score exactly again.
+QUANTIZE_FROM: int | None = None
 RERANKERS = ("lm",)
 
 
@@ -143,9 +145,9 @@ class HybridReader(EmbeddingReader):
         """Each unit's best-line cosine: exact for every unit that can reach the top `need`
         eligible units, and for the best unit (the dense half's divisor); an upper bound on the
         top `need`'s rivals elsewhere (see `linmem.readers.int8`). Exact everywhere below
-        `QUANTIZE_FROM` lines."""
+        `QUANTIZE_FROM` lines (always, by default)."""
         matrix = vectors.matrix()
-        fast = vectors.int8() if len(matrix) >= QUANTIZE_FROM else None
+        fast = vectors.int8() if QUANTIZE_FROM is not None and len(matrix) >= QUANTIZE_FROM else None
         line, bound = (matrix @ q, 0.0) if fast is None else fast.scores(matrix, q)
         dense = np.full(len(units.clip), -np.inf, dtype=np.float32)
         np.maximum.at(dense, units.unit_of_row, line)
