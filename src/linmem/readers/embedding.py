@@ -459,10 +459,6 @@ class _Vectors:
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._row_of
 
-    def row_of(self, item_id: int) -> int | None:
-        """The row of an item's vector, None if it has none."""
-        return self._row_of.get(item_id)
-
     def matrix(self) -> np.ndarray:
         return self._buffer[: len(self.items)]
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..embedders import Embedder
+from ..embedders import DEFAULT_EMBEDDER, Embedder
 from ..errors import BadInput
 from ..types import Hit, Item
 from .bm25 import LexicalIndex
@@ -98,12 +98,12 @@ class HybridReader(EmbeddingReader):
 
     @property
     def model_id(self) -> str:
-        dense = self._embedder.id if self._embedder is not None else self._spec or "st:all-MiniLM-L6-v2"
+        dense = self._embedder.id if self._embedder is not None else self._spec or DEFAULT_EMBEDDER
         return f"bm25+{dense}"
 
     def _prepare(self) -> None:
-        if self.memory.log.state().count:
-            self._lexicon.sync(self.memory.log)
+        # Called once the memory is known not to be empty (see EmbeddingReader._answers).
+        self._lexicon.sync(self.memory.log)
 
     def _search(
         self,
