@@ -261,3 +261,49 @@ def test_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         threads()
     monkeypatch.delenv("LINMEM_THREADS")
     assert threads() == max(1, (os.cpu_count() or 2) // 2)
+
+
+# A controller's dialogue on llama.cpp states
+
+
+@pytest.mark.parametrize("which", ["smol", "hybrid"])
+def test_a_chat_session_replies_as_the_stateless_chat(which: str, request: pytest.FixtureRequest) -> None:
+    engine = load_engine(request.getfixturevalue(which))
+    rng = random.Random()
+    messages = [
+        {"role": "system", "content": "You answer questions about a house."},
+        {"role": "user", "content": " ".join(rng.choice(THINGS) for _ in range(rng.randrange(5, 30)))},
+    ]
+    session = engine.chat_session()
+    for _ in range(3):
+        n = rng.choice([7, 12, 19])
+        kept, fresh = session.chat(messages, max_new_tokens=n), engine.chat(messages, max_new_tokens=n)
+        assert (kept.text, kept.generated) == (fresh.text, fresh.generated), messages
+        assert kept.processed + kept.cached == fresh.processed
+        messages += [
+            {"role": "assistant", "content": kept.text},
+            {"role": "user", "content": f"And the {rng.choice(THINGS)} in the {rng.choice(ROOMS)}?"},
+        ]
+    assert kept.cached > 0
+
+
+def test_a_real_controller_gives_the_same_trace_with_and_without_its_kept_state(
+    smol: str, tmp_path: Path
+) -> None:
+    from linmem.agent import Agent
+
+    memory = open_memory("house", home=tmp_path, create=True)
+    memory.write(_items(random.Random(3), 11))
+    reader = memory.reader("embedding", embedder="hash", top_k=2, threshold=-1.0)
+    reused, fresh = (
+        Agent(reader, controller=smol, rounds=3, max_new_tokens=40, reuse_state=reuse).run(
+            "Where is the red mug?"
+        )
+        for reuse in (True, False)
+    )
+    assert [(t.role, t.content) for t in reused.turns] == [(t.role, t.content) for t in fresh.turns]
+    assert reused.answer == fresh.answer
+    r, f = reused.controller_tokens, fresh.controller_tokens
+    assert r.processed + r.cached == f.processed
+    if reused.rounds > 1:
+        assert r.cached > 0

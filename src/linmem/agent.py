@@ -43,6 +43,7 @@ from .readers.embedding import EmbeddingReader
 from .types import Hit, Tokens, Turn
 
 POLICIES = ("m3", "single-shot")
+CONTROLLER_MAX_TOKENS = prompts.CONTROLLER_MAX_TOKENS
 
 # A labelled action: "Action: [Answer]", "**Action:** search", "ACTION - [Search]", "action:[answer]".
 _ACTION = re.compile(r"\baction\b[\s*_`]*(?:[:：-][\s*_`]*\[?|\[)\s*([A-Za-z]+)", re.IGNORECASE)
@@ -50,6 +51,23 @@ _ACTION = re.compile(r"\baction\b[\s*_`]*(?:[:：-][\s*_`]*\[?|\[)\s*([A-Za-z]+)
 _BRACKETED = re.compile(r"\[\s*(answer|search)\s*\]", re.IGNORECASE)
 _CONTENT = re.compile(r"\bcontent\b[\s*_`]*[:：][\s*_`]*", re.IGNORECASE)
 _THINK_END = re.compile(r"</think>", re.IGNORECASE)
+
+
+def reply_done(reply: str) -> bool:
+    """Whether a reply so far already holds all `parse_action` will read: an action, then a
+    ``Content:`` label with text, ended by a newline. The controller stops there instead of
+    running on to its token limit (a 1.5B model often restates the format or keeps talking)."""
+    if reply.lstrip().startswith("<think>") and not _THINK_END.search(reply):
+        return False  # still reasoning: what looks like an action may be a draft
+    text = _THINK_END.split(reply)[-1]
+    found = _ACTION.search(text) or _BRACKETED.search(text)
+    if found is None:
+        return False
+    label = _CONTENT.search(text, found.end())
+    if label is None:
+        return False
+    line, newline, _ = text[label.end() :].partition("\n")
+    return bool(newline) and bool(line.strip().strip("*`").strip())
 
 
 def parse_action(reply: str) -> tuple[str, str | None]:
@@ -110,7 +128,12 @@ class Agent:
     ``openai:URL#MODEL``, ``hf:PATH`` or ``tiny:qwen3``); see the module docstring for the policies.
 
     `rounds` bounds the controller's replies; `max_new_tokens`, `temperature` and `seed` go to each
-    of its generations (M3-Agent sampled at temperature 0.6; the default here is greedy).
+    of its generations (M3-Agent sampled at temperature 0.6; the default here is greedy). A reply
+    ends at the end of its ``Content:`` line (`reply_done`), or after `max_new_tokens`.
+
+    With a local controller, each question's dialogue is one `ChatSession` (`reuse_state`): round
+    k runs only the tokens round k-1 added, and the replies are those of a controller that re-reads
+    the whole dialogue every round (`reuse_state=False`, the reference).
     """
 
     def __init__(
@@ -120,9 +143,10 @@ class Agent:
         controller: str | None = None,
         policy: str = "m3",
         rounds: int = 5,
-        max_new_tokens: int = 1024,
+        max_new_tokens: int = CONTROLLER_MAX_TOKENS,
         temperature: float = 0.0,
         seed: int = 0,
+        reuse_state: bool = True,
     ) -> None:
         check_settings(policy, controller, rounds)
         if max_new_tokens < 1 or temperature < 0:
@@ -134,12 +158,16 @@ class Agent:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.seed = seed
+        self.reuse_state = reuse_state
 
     def run(self, question: str) -> Trace:
         if not isinstance(question, str) or not question.strip():
             raise BadInput(f"question must be a non-empty string, found {question!r}")
         start = time.perf_counter()
         dialogue = _Dialogue(question)
+        if self.engine is not None:
+            session = self.reuse_state and hasattr(self.engine, "chat_session")
+            dialogue.chat = self.engine.chat_session().chat if session else self.engine.chat
         if self.policy == "m3":
             answer = self._m3(dialogue)
         else:
@@ -172,11 +200,12 @@ class Agent:
         suffix = prompts.M3_INSTRUCTION + (prompts.M3_LAST_ROUND if last_round else "")
         d.turns[-1] = replace(d.turns[-1], content=d.turns[-1].content + suffix)
         t0 = time.perf_counter()
-        gen = self.engine.chat(
+        gen = d.chat(
             [t.message() for t in d.turns],
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             seed=self.seed,
+            until=reply_done,
         )
         seconds = time.perf_counter() - t0
         action, content = parse_action(gen.text)
@@ -244,6 +273,7 @@ class _Dialogue:
         self.search_at: list[int] = []
         self.shown: set[int] = set()
         self.reader_model: str | None = None
+        self.chat: Any = None  # the controller's chat: its engine's, or a session's
 
     def add_search(self, turn: Turn) -> None:
         self.search_at.append(len(self.turns))
@@ -281,4 +311,13 @@ def _total(tokens: Iterable[Tokens | None]) -> Tokens:
     return Tokens(memory, processed, cached, generated)
 
 
-__all__ = ["POLICIES", "Agent", "Trace", "check_settings", "m3_clips_json", "parse_action"]
+__all__ = [
+    "CONTROLLER_MAX_TOKENS",
+    "POLICIES",
+    "Agent",
+    "Trace",
+    "check_settings",
+    "m3_clips_json",
+    "parse_action",
+    "reply_done",
+]

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, prompts
 from .errors import LinmemError
 from .itemfile import read_items
 from .memory import Memory, delete_memory, memories, open_memory, summaries
@@ -158,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="m3: M3-Agent's search-or-answer loop (default); single-shot: one search, then one answer",
     )
     g.add_argument("--rounds", type=int, default=5, help="most controller replies for m3 (default 5)")
+    g.add_argument(
+        "--controller-max-tokens",
+        type=int,
+        default=prompts.CONTROLLER_MAX_TOKENS,
+        metavar="N",
+        help=f"most tokens per controller reply (default {prompts.CONTROLLER_MAX_TOKENS}); "
+        "a reply also ends at the end of its Content: line",
+    )
+    g.add_argument(
+        "--controller-stateless",
+        action="store_true",
+        help="re-read the whole dialogue every round (the reference; by default a local controller "
+        "keeps its state between rounds and gives the same replies)",
+    )
     _reader_options(g)
 
     s = command("show", cmd_show, "show a memory's items and statistics")
@@ -468,7 +482,14 @@ def cmd_agent(args: argparse.Namespace) -> dict[str, Any]:
 
     check_settings(args.policy, args.controller, args.rounds)  # before a reader loads its model
     _, reader = _reader(args)
-    agent = Agent(reader, controller=args.controller, policy=args.policy, rounds=args.rounds)
+    agent = Agent(
+        reader,
+        controller=args.controller,
+        policy=args.policy,
+        rounds=args.rounds,
+        max_new_tokens=args.controller_max_tokens,
+        reuse_state=not args.controller_stateless,
+    )
     trace = agent.run(args.query)
     if not args.json:
         print(trace.answer if trace.answer is not None else "(no answer)")
@@ -478,7 +499,8 @@ def cmd_agent(args: argparse.Namespace) -> dict[str, Any]:
             f"controller {trace.controller}",
             f"reader {trace.reader}",
             f"rounds {trace.rounds}, searches {trace.searches}",
-            f"controller tokens: prompt {c.processed + c.cached}, completion {c.generated}",
+            f"controller tokens: prompt {c.processed + c.cached} ({c.cached} from kept state), "
+            f"completion {c.generated}",
             f"reader tokens: processed {r.processed}, cached {r.cached}",
             f"{trace.total_s:.2f} s",
         ]

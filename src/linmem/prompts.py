@@ -89,6 +89,11 @@ M3_LAST_ROUND = (
 
 M3_KNOWLEDGE = "Searched knowledge: "
 
+# M3-Agent allowed 1,024 tokens a round for a reasoning model; a reply in the format above is a
+# few dozen, and it ends at its Content line (`linmem.agent.reply_done`), so this bounds only a
+# rambling one.
+CONTROLLER_MAX_TOKENS = 256
+
 M3_EMPTY_RESULT = "\n(The search result is empty. Please try searching from another perspective.)"
 
 

@@ -74,10 +74,12 @@ class Engine(Protocol):
         max_new_tokens: int,
         temperature: float = 0.0,
         seed: int = 0,
+        until: Callable[[str], bool] | None = None,
     ) -> Generation:
         """Complete a free-form multi-turn chat (``[{"role": ..., "content": ...}, ...]``), for a
         controller or a judge. Greedy at temperature 0; otherwise sampled, with `seed` making the
-        sample reproducible. `memory_tokens` is None: a chat has no memory prefix."""
+        sample reproducible. The reply ends at an end token, after `max_new_tokens`, or as soon as
+        `until(reply so far)` holds. `memory_tokens` is None: a chat has no memory prefix."""
         ...
 
 
@@ -117,7 +119,17 @@ class StatefulEngine(Engine, Protocol):
         self, cache: Any, ids: Sequence[int], *, progress: Callable[[int], None] | None = None
     ) -> Any: ...
 
-    def greedy(self, cache: Any, logits: Any, max_new_tokens: int) -> list[int]: ...
+    def greedy(
+        self,
+        cache: Any,
+        logits: Any,
+        max_new_tokens: int,
+        *,
+        until: Callable[[list[int]], bool] | None = None,
+    ) -> list[int]:
+        """Tokens picked greedily after `logits`, feeding each back into `cache`; ends at an end
+        token, after `max_new_tokens`, or once `until(tokens so far)` holds."""
+        ...
 
     def state_bytes(self, cache: Any) -> int:
         """Bytes the state holds in RAM."""
@@ -208,11 +220,25 @@ class LocalEngine:
     ) -> Any:
         raise NotImplementedError
 
-    def greedy(self, cache: Any, logits: Any, max_new_tokens: int) -> list[int]:
+    def greedy(
+        self,
+        cache: Any,
+        logits: Any,
+        max_new_tokens: int,
+        *,
+        until: Callable[[list[int]], bool] | None = None,
+    ) -> list[int]:
         raise NotImplementedError
 
     def sample(
-        self, cache: Any, logits: Any, max_new_tokens: int, *, temperature: float, seed: int
+        self,
+        cache: Any,
+        logits: Any,
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        seed: int,
+        until: Callable[[list[int]], bool] | None = None,
     ) -> list[int]:
         raise NotImplementedError
 
@@ -283,14 +309,40 @@ class LocalEngine:
         max_new_tokens: int,
         temperature: float = 0.0,
         seed: int = 0,
+        until: Callable[[str], bool] | None = None,
     ) -> Generation:
         """A multi-turn chat from scratch: the chat template (with the generation prompt), one
-        prefill, then greedy decoding, or sampling when `temperature` > 0."""
+        prefill, then greedy decoding, or sampling when `temperature` > 0, until an end token,
+        `max_new_tokens`, or `until(reply so far)`."""
         if temperature < 0:
             raise BadInput(f"temperature must be >= 0, found {temperature!r}")
         ids = self.chat_ids(messages)
         self.check_fits(len(ids), max_new_tokens, what="the chat")
-        return self._complete(ids, max_new_tokens, temperature=temperature, seed=seed)
+        return self._complete(ids, max_new_tokens, temperature=temperature, seed=seed, until=until)
+
+    def chat_session(self) -> Any:
+        """A `ChatSession`: chats whose dialogue only grows, each run from the state the last one
+        left (see `linmem.engines.session`)."""
+        from .session import ChatSession
+
+        return ChatSession(self)
+
+    def reply(
+        self,
+        state: Any,
+        logits: Any,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+        until: Callable[[str], bool] | None = None,
+    ) -> list[int]:
+        """The reply's tokens from a prompt's state and last logits: greedy or sampled, ending
+        as `chat` says."""
+        stop = None if until is None else (lambda out: until(self.decode(out)))
+        if temperature == 0:
+            return self.greedy(state, logits, max_new_tokens, until=stop)
+        return self.sample(state, logits, max_new_tokens, temperature=temperature, seed=seed, until=stop)
 
     def _complete(
         self,
@@ -300,15 +352,13 @@ class LocalEngine:
         memory_tokens: int | None = None,
         temperature: float = 0.0,
         seed: int = 0,
+        until: Callable[[str], bool] | None = None,
     ) -> Generation:
         state = self.new_cache()
         t0 = time.perf_counter()
         logits = self.advance(state, ids)
         t1 = time.perf_counter()
-        if temperature == 0:
-            out = self.greedy(state, logits, max_new_tokens)
-        else:
-            out = self.sample(state, logits, max_new_tokens, temperature=temperature, seed=seed)
+        out = self.reply(state, logits, max_new_tokens, temperature=temperature, seed=seed, until=until)
         t2 = time.perf_counter()
         return Generation(
             text=self.decode(out),

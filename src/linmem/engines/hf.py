@@ -206,12 +206,26 @@ class HFEngine(LocalEngine):
                 start += len(window)
         return torch.cat(logits, dim=1)[:, -keep:]
 
-    def greedy(self, cache: Any, logits: Any, max_new_tokens: int) -> list[int]:
+    def greedy(
+        self,
+        cache: Any,
+        logits: Any,
+        max_new_tokens: int,
+        *,
+        until: Callable[[list[int]], bool] | None = None,
+    ) -> list[int]:
         """Greedy decoding from the logits of the last prompt position; stops at an end token."""
-        return self._decode_loop(cache, logits, max_new_tokens, lambda row: int(row.argmax()))
+        return self._decode_loop(cache, logits, max_new_tokens, lambda row: int(row.argmax()), until)
 
     def sample(
-        self, cache: Any, logits: Any, max_new_tokens: int, *, temperature: float, seed: int
+        self,
+        cache: Any,
+        logits: Any,
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        seed: int,
+        until: Callable[[list[int]], bool] | None = None,
     ) -> list[int]:
         """Temperature sampling, reproducible: a private generator seeded with `seed`."""
         import torch
@@ -222,10 +236,15 @@ class HFEngine(LocalEngine):
             probs = torch.softmax(row.float() / temperature, dim=-1)
             return int(torch.multinomial(probs, 1, generator=generator))
 
-        return self._decode_loop(cache, logits, max_new_tokens, pick)
+        return self._decode_loop(cache, logits, max_new_tokens, pick, until)
 
     def _decode_loop(
-        self, cache: Any, logits: Any, max_new_tokens: int, pick: Callable[[Any], int]
+        self,
+        cache: Any,
+        logits: Any,
+        max_new_tokens: int,
+        pick: Callable[[Any], int],
+        until: Callable[[list[int]], bool] | None = None,
     ) -> list[int]:
         import torch
 
@@ -236,7 +255,7 @@ class HFEngine(LocalEngine):
                 if token in self.stop_ids:
                     break
                 out.append(token)
-                if len(out) == max_new_tokens:
+                if len(out) == max_new_tokens or (until is not None and until(out)):
                     break
                 x = torch.tensor([[token]], dtype=torch.long, device=self.device)
                 logits = self._forward(x, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1).logits

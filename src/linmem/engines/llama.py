@@ -315,11 +315,25 @@ class LlamaEngine(LocalEngine):
                     progress(len(window))
             return _Logits(self._last_logits())
 
-    def greedy(self, cache: LlamaState, logits: _Logits, max_new_tokens: int) -> list[int]:
-        return self._decode_loop(cache, logits, max_new_tokens, lambda row: int(row.argmax()))
+    def greedy(
+        self,
+        cache: LlamaState,
+        logits: _Logits,
+        max_new_tokens: int,
+        *,
+        until: Callable[[list[int]], bool] | None = None,
+    ) -> list[int]:
+        return self._decode_loop(cache, logits, max_new_tokens, lambda row: int(row.argmax()), until)
 
     def sample(
-        self, cache: LlamaState, logits: _Logits, max_new_tokens: int, *, temperature: float, seed: int
+        self,
+        cache: LlamaState,
+        logits: _Logits,
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        seed: int,
+        until: Callable[[list[int]], bool] | None = None,
     ) -> list[int]:
         import numpy as np
 
@@ -330,10 +344,15 @@ class LlamaEngine(LocalEngine):
             p = np.exp(z - z.max())
             return int(rng.choice(len(p), p=p / p.sum()))
 
-        return self._decode_loop(cache, logits, max_new_tokens, pick)
+        return self._decode_loop(cache, logits, max_new_tokens, pick, until)
 
     def _decode_loop(
-        self, cache: LlamaState, logits: _Logits, max_new_tokens: int, pick: Callable[[Any], int]
+        self,
+        cache: LlamaState,
+        logits: _Logits,
+        max_new_tokens: int,
+        pick: Callable[[Any], int],
+        until: Callable[[list[int]], bool] | None = None,
     ) -> list[int]:
         out: list[int] = []
         row = logits.row
@@ -344,6 +363,8 @@ class LlamaEngine(LocalEngine):
                     break
                 out.append(token)
                 if len(out) == max_new_tokens or cache.n >= (self.context_length or 0):
+                    break
+                if until is not None and until(out):
                     break
                 row = self.advance(cache, [token]).row
         return out

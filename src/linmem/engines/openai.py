@@ -26,6 +26,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -137,12 +138,18 @@ class OpenAIEngine:
         max_new_tokens: int,
         temperature: float = 0.0,
         seed: int = 0,
+        until: Callable[[str], bool] | None = None,
     ) -> Generation:
         """A multi-turn chat, sent as is (a content may be a list of parts, images included). A
-        sampled request (`temperature` > 0) carries `seed`, which vLLM and SGLang honour per request."""
+        sampled request (`temperature` > 0) carries `seed`, which vLLM and SGLang honour per request.
+        `until` cuts the reply at the shortest prefix for which it holds: the text a local engine
+        stopping there would give (the server still generated the rest)."""
         if temperature < 0:
             raise BadInput(f"temperature must be >= 0, found {temperature!r}")
-        return self._complete(messages, max_new_tokens, temperature, seed if temperature > 0 else None)
+        gen = self._complete(messages, max_new_tokens, temperature, seed if temperature > 0 else None)
+        if until is not None:
+            gen = replace(gen, text=_cut(gen.text, until))
+        return gen
 
     def _complete(
         self, messages: list[dict[str, Any]], max_new_tokens: int, temperature: float, seed: int | None = None
@@ -336,3 +343,10 @@ def _as_int(value: Any) -> int | None:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _cut(text: str, until: Callable[[str], bool]) -> str:
+    for end in range(1, len(text) + 1):
+        if until(text[:end]):
+            return text[:end]
+    return text

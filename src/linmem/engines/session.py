@@ -1,0 +1,103 @@
+"""A chat that only grows, continued from kept model states: a controller's dialogue.
+
+An M3-Agent controller is asked again after every search, and each time its prompt is the whole
+dialogue so far: the system message, every reply and every search result. Run from scratch,
+round k re-reads everything rounds 1 to k-1 read. A `ChatSession` keeps the model state at the
+end of the part of each prompt that later prompts repeat, so a round processes only what the
+round before added: the previous reply, the new search result, the generation prompt.
+
+Which part is repeated is measured, not assumed: chat templates rewrite the end of a prompt
+once the reply is in (Qwen3's drops the empty ``<think></think>`` it opened the reply with), so
+the stable part of a prompt is its common token prefix with the same dialogue plus one more
+exchange. A kept state is used only for a prompt whose ids start with exactly the ids it read,
+so a session's prompt is the stateless prompt, token for token, and gives the same reply; only
+the work differs (the tests compare whole agent traces).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import BadInput
+from .base import Generation
+
+# Stand-ins for a reply and the next user turn: only where the template starts to differ counts.
+_PROBE = [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]
+
+
+class ChatSession:
+    """Chats of one growing dialogue on a local engine (see the module docstring); `keep` bounds
+    the states held (each is a copy of the model's cache at that point)."""
+
+    def __init__(self, engine: Any, *, keep: int = 2) -> None:
+        self.engine = engine
+        self.keep = max(1, keep)
+        self._states: list[tuple[list[int], Any]] = []
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        until: Callable[[str], bool] | None = None,
+    ) -> Generation:
+        """`engine.chat(messages, ...)`, from the longest kept state the prompt starts with.
+        `processed` counts the tokens run now, `cached` those a kept state had read."""
+        if temperature < 0:
+            raise BadInput(f"temperature must be >= 0, found {temperature!r}")
+        engine = self.engine
+        ids = engine.chat_ids(messages)
+        engine.check_fits(len(ids), max_new_tokens, what="the chat")
+        stable = min(_common(ids, engine.chat_ids([*messages, *_PROBE])), len(ids) - 1)
+        t0 = time.perf_counter()
+        start, base = self._longest(ids)
+        state = engine.fork(base) if base is not None else engine.new_cache()
+        if start < stable:
+            engine.advance(state, ids[start:stable])
+            self._hold(ids[:stable], engine.fork(state))
+            run_from = stable
+        else:
+            run_from = start
+        logits = engine.advance(state, ids[run_from:])
+        t1 = time.perf_counter()
+        out = engine.reply(state, logits, max_new_tokens, temperature=temperature, seed=seed, until=until)
+        t2 = time.perf_counter()
+        return Generation(
+            text=engine.decode(out),
+            memory_tokens=None,
+            processed=len(ids) - start,
+            cached=start,
+            generated=len(out),
+            prefill_s=t1 - t0,
+            generate_s=t2 - t1,
+        )
+
+    def _longest(self, ids: list[int]) -> tuple[int, Any]:
+        """(length, state) of the longest kept state whose ids begin `ids`, leaving at least one
+        token to run (the logits come from it); (0, None) when none does."""
+        best: tuple[int, Any] = (0, None)
+        for kept, state in self._states:
+            n = len(kept)
+            if best[0] < n < len(ids) and ids[:n] == kept:
+                best = (n, state)
+        return best
+
+    def _hold(self, ids: list[int], state: Any) -> None:
+        self._states.append((ids, state))
+        del self._states[: -self.keep]
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+__all__ = ["ChatSession"]
