@@ -263,6 +263,13 @@ def _tool_commands(command: Command) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. systems.0.model=tiny:qwen3.5 (repeatable)",
     )
+    e.add_argument(
+        "--unset",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="remove a config value, e.g. tasks.0.per_category to lift a subset (repeatable)",
+    )
 
     b = command(
         "bench", cmd_bench, "measure reads, writes, bytes and kernels on this machine (one JSON line last)"
@@ -589,7 +596,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .evals.config import load_config
     from .evals.run import run_eval
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, args.unset)
     if args.offline:
         from .evals.config import offline
 

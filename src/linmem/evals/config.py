@@ -47,17 +47,20 @@ TABLES = (
     "scalability",
     "locomo_qa",
     "locomo_retrieval",
+    "locomo_answers",
 )
 SYSTEM_KEYS = {
     "name", "backend", "model", "embedder", "top_k", "threshold", "max_new_tokens",
     "context_length", "overflow", "stateless", "memory_budget_mb", "lexical_weight", "second_line",
     "rerank", "rerank_depth",
 }  # fmt: skip
+# Keys of a system that steer the run, not its reader.
+RUN_SYSTEM_KEYS = {"agent", "limit"}
 BACKENDS = ("lm", "embedding", "hybrid")
-AGENT_KEYS = {"controller", "policy", "rounds", "max_new_tokens", "temperature"}
-JUDGE_KEYS = {"model"}
+AGENT_KEYS = {"controller", "policy", "rounds", "max_new_tokens", "temperature", "reuse_state"}
+JUDGE_KEYS = {"model", "max_new_tokens"}
 RUN_KEYS = {"batch", "concurrency", "k", "seed"}
-TOP_KEYS = {"title", "table", "description", "tasks", "task", "systems", "agent", "judge", "run"}
+TOP_KEYS = {"title", "table", "description", "tasks", "task", "systems", "agent", "judge", "run", "compare"}
 _PATHLIKE = ("annotations", "memory_dir", "path")
 
 
@@ -70,10 +73,18 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class SystemConfig:
+    """One compared system: a reader (`backend` and its `options`), and how QA examples reach it.
+
+    `agent` is the controller loop the system answers QA through (its own ``agent = {...}``, else
+    the config's ``[agent]``; ``agent = false`` makes the reader answer by itself); `limit` caps
+    the examples it runs per task (an expensive reference run on a few)."""
+
     name: str
     backend: str
     options: dict[str, Any]
     memory_budget_mb: float | None = None
+    agent: dict[str, Any] | None = None
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,8 @@ class Config:
     agent: dict[str, Any] | None
     judge: dict[str, Any] | None
     run: dict[str, Any] = field(default_factory=dict)
+    # Pairs of systems whose paired difference (first minus second) the report gives an interval.
+    compare: tuple[tuple[str, str], ...] = ()
     # How this run departs from the file's text (--set overrides, --offline): shown in reports.
     changes: tuple[str, ...] = ()
 
@@ -96,8 +109,11 @@ class Config:
         return tuple(self.run.get("k", (1, 5, 10)))
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read and check a config; `overrides` are ``dotted.key=TOML value`` strings applied first."""
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, unset: list[str] | None = None
+) -> Config:
+    """Read and check a config; `overrides` are ``dotted.key=TOML value`` strings applied first,
+    and `unset` names dotted keys to remove (a subset's filter, to run the whole set)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -110,47 +126,89 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise BadInput(f"{path}: not UTF-8") from None
     for item in overrides or []:
         _override(raw, item, path)
+    for key in unset or []:
+        _remove(raw, key)
     raw = _expand(raw, path.parent)
-    return replace(_check(raw, path, text), changes=tuple(f"--set {o}" for o in overrides or []))
+    changes = [f"--set {o}" for o in overrides or []] + [f"--unset {k}" for k in unset or []]
+    return replace(_check(raw, path, text), changes=tuple(changes))
 
 
 OFFLINE_LM = "tiny:qwen3.5"
 OFFLINE_CONTROLLER = "tiny:qwen3"
 OFFLINE_EMBEDDER = "hash"
+# Offline, NIAH memory budgets and the systems' context limits shrink by this factor: the tiny
+# stand-ins read bytes as tokens (about 4 per real token), and a smoke run must take minutes, not
+# hours. Which system runs out of context at which budget stays as in the full run.
+OFFLINE_SCALE = 16
 
 
 def offline(config: Config) -> Config:
-    """The same experiment with every remote model swapped for a local stand-in: LM readers
-    become tiny:qwen3.5 (and so does the hybrid reader's re-ranking LM, even a local file, which
-    a machine without it could not load), the controller and the judge tiny:qwen3, remote
-    embedders the hash embedder. The numbers are noise; the run proves the pipeline end to end
-    without servers."""
+    """The same experiment with every model swapped for a tiny local stand-in: LM readers (and
+    the hybrid reader's re-ranking LM) become tiny:qwen3.5, controllers and the judge tiny:qwen3,
+    remote embedders the hash embedder. Local model files are swapped too: a machine without
+    them could not run the config, and a 1.5B model is not a smoke test. The numbers are noise;
+    the run proves the pipeline end to end, in minutes, without servers or weights."""
 
     def swap(spec: Any, local: str) -> Any:
-        return local if isinstance(spec, str) and spec.startswith("openai:") else spec
+        return spec if isinstance(spec, str) and spec.startswith("tiny:") else local
 
+    def swap_agent(agent: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not agent:
+            return agent
+        agent = dict(agent)
+        if agent.get("controller") is not None:
+            agent["controller"] = swap(agent["controller"], OFFLINE_CONTROLLER)
+        agent.setdefault("max_new_tokens", 48)
+        return agent
+
+    tasks, scaled = _offline_budgets(config.tasks)
     systems = []
     for s in config.systems:
         options = dict(s.options)
+        if scaled and options.get("context_length"):
+            options["context_length"] = max(1, int(options["context_length"]) // OFFLINE_SCALE)
         if s.backend == "lm":
-            options["model"] = swap(options.get("model") or "openai:", OFFLINE_LM)
+            options["model"] = swap(options.get("model"), OFFLINE_LM)
             options.setdefault("max_new_tokens", 32)
         else:
-            if "embedder" in options:
-                options["embedder"] = swap(options["embedder"], OFFLINE_EMBEDDER)
-            if "model" in options:  # the hybrid reader's re-ranking LM, a remote or local file
-                options["model"] = OFFLINE_LM
-        systems.append(SystemConfig(s.name, s.backend, options, s.memory_budget_mb))
-    agent = dict(config.agent) if config.agent else None
-    if agent:
-        agent["controller"] = swap(agent.get("controller"), OFFLINE_CONTROLLER)
-        agent.setdefault("max_new_tokens", 48)
-    judge = {"model": swap(config.judge["model"], OFFLINE_CONTROLLER)} if config.judge else None
+            embedder = options.get("embedder")
+            if isinstance(embedder, str) and embedder.startswith("openai:"):
+                options["embedder"] = OFFLINE_EMBEDDER
+            if "model" in options:  # the hybrid reader's re-ranking LM
+                options["model"] = swap(options["model"], OFFLINE_LM)
+        systems.append(replace(s, options=options, agent=swap_agent(s.agent)))
+    judge = None
+    if config.judge:
+        judge = dict(config.judge) | {"model": swap(config.judge["model"], OFFLINE_CONTROLLER)}
     note = (
-        f"--offline: remote LM readers replaced by {OFFLINE_LM}, the controller and judge by "
+        f"--offline: LM readers replaced by {OFFLINE_LM}, the controller and judge by "
         f"{OFFLINE_CONTROLLER}, remote embedders by {OFFLINE_EMBEDDER} (numbers are noise)"
     )
-    return replace(config, systems=tuple(systems), agent=agent, judge=judge, changes=(*config.changes, note))
+    if scaled:
+        note += f"; memory budgets and context limits divided by {OFFLINE_SCALE}"
+    return replace(
+        config,
+        tasks=tasks,
+        systems=tuple(systems),
+        agent=swap_agent(config.agent),
+        judge=judge,
+        changes=(*config.changes, note),
+    )
+
+
+def _offline_budgets(tasks: tuple[TaskConfig, ...]) -> tuple[tuple[TaskConfig, ...], bool]:
+    """The tasks with NIAH budgets divided by OFFLINE_SCALE, and whether any were."""
+    from .tasks.synthetic import DEFAULT_BUDGETS
+
+    out, scaled = [], False
+    for task in tasks:
+        if task.name == "niah":
+            budgets = [max(1, int(b) // OFFLINE_SCALE) for b in task.options.get("budgets", DEFAULT_BUDGETS)]
+            out.append(replace(task, options=task.options | {"budgets": budgets}))
+            scaled = True
+        else:
+            out.append(task)
+    return tuple(out), scaled
 
 
 def _override(raw: dict[str, Any], item: str, path: Path) -> None:
@@ -170,6 +228,17 @@ def _override(raw: dict[str, Any], item: str, path: Path) -> None:
         node[int(last)] = parsed
     else:
         node[last] = parsed
+
+
+def _remove(raw: dict[str, Any], key: str) -> None:
+    node: Any = raw
+    parts = key.split(".")
+    try:
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        del node[parts[-1]]
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise BadInput(f"--unset {key}: the config has no such key") from None
 
 
 def _expand(value: Any, base: Path, key: str = "") -> Any:
@@ -207,25 +276,26 @@ def _check(raw: dict[str, Any], path: Path, text: str) -> Config:
             raise BadInput(f"{where}: tasks[{i}] has no 'name'")
         name = t.pop("name")
         tasks.append(TaskConfig(label=str(t.pop("label", name)), name=name, options=t))
-    systems = []
-    for i, entry in enumerate(raw.get("systems") or []):
-        _known(entry, SYSTEM_KEYS, f"{where}: systems[{i}]")
-        s = dict(entry)
-        backend = s.pop("backend", "lm")
-        if backend not in BACKENDS:
-            raise BadInput(
-                f"{where}: systems[{i}].backend must be one of {', '.join(BACKENDS)}, found {backend!r}"
-            )
-        name = str(s.pop("name", s.get("model") or s.get("embedder") or backend))
-        budget = s.pop("memory_budget_mb", None)
-        systems.append(SystemConfig(name=name, backend=backend, options=s, memory_budget_mb=budget))
-    if not systems:
-        raise BadInput(f"{where}: no [[systems]] given")
-    if len({s.name for s in systems}) != len(systems):
-        raise BadInput(f"{where}: system names must be distinct")
     for key, allowed in (("agent", AGENT_KEYS), ("judge", JUDGE_KEYS), ("run", RUN_KEYS)):
         if key in raw:
             _known(raw[key], allowed, f"{where}: [{key}]")
+    systems = [
+        _system(entry, f"{where}: systems[{i}]", raw.get("agent"))
+        for i, entry in enumerate(raw.get("systems") or [])
+    ]
+    if not systems:
+        raise BadInput(f"{where}: no [[systems]] given")
+    names = [s.name for s in systems]
+    if len(set(names)) != len(systems):
+        raise BadInput(f"{where}: system names must be distinct")
+    compare = raw.get("compare", [])
+    if not isinstance(compare, list) or any(
+        not isinstance(pair, list) or len(pair) != 2 or any(n not in names for n in pair) for pair in compare
+    ):
+        raise BadInput(
+            f"{where}: compare must be a list of [system, system] pairs naming systems of this "
+            f"config ({', '.join(names)}), found {compare!r}"
+        )
     return Config(
         path=path,
         text=text,
@@ -237,7 +307,29 @@ def _check(raw: dict[str, Any], path: Path, text: str) -> Config:
         agent=raw.get("agent"),
         judge=raw.get("judge"),
         run=raw.get("run", {}),
+        compare=tuple((a, b) for a, b in compare),
     )
+
+
+def _system(entry: dict[str, Any], at: str, shared_agent: Any) -> SystemConfig:
+    _known(entry, SYSTEM_KEYS | RUN_SYSTEM_KEYS, at)
+    s = dict(entry)
+    backend = s.pop("backend", "lm")
+    if backend not in BACKENDS:
+        raise BadInput(f"{at}.backend must be one of {', '.join(BACKENDS)}, found {backend!r}")
+    name = str(s.pop("name", s.get("model") or s.get("embedder") or backend))
+    budget = s.pop("memory_budget_mb", None)
+    agent = s.pop("agent", shared_agent)
+    if agent is False:
+        agent = None
+    elif agent is not None:
+        if not isinstance(agent, dict):
+            raise BadInput(f"{at}.agent must be a table of agent settings or false, found {agent!r}")
+        _known(agent, AGENT_KEYS, f"{at}.agent")
+    limit = s.pop("limit", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise BadInput(f"{at}.limit must be a positive integer, found {limit!r}")
+    return SystemConfig(name, backend, s, budget, agent or None, limit)
 
 
 def _known(section: dict[str, Any], allowed: set[str], where: str) -> None:

@@ -25,7 +25,7 @@ def write_report(config: Config, out: Path) -> Path:
     from .run import load_records
 
     records = load_records(out)
-    body = render_tables(config, records)
+    body = render_tables(config, records, out)
     plots = write_plots(config, records, out)
     parts = [
         f"# {config.title}",
@@ -107,7 +107,9 @@ def _group_value(group: str) -> float:
     return float(m.group()) if m else math.inf
 
 
-def render_tables(config: Config, records: list[dict[str, Any]]) -> str:
+def render_tables(config: Config, records: list[dict[str, Any]], out: Path | None = None) -> str:
+    if config.table == "locomo_answers":
+        return _locomo_answers(config, records, out)
     render: Callable[[Config, list[dict[str, Any]]], str] = {
         "main_qa": _main_qa,
         "memory_format": _memory_format,
@@ -248,6 +250,151 @@ def _locomo_qa(config: Config, records: list[dict[str, Any]]) -> str:
     return f"## LoCoMo QA ({name})\n\n" + _table(header, rows)
 
 
+# The seed's comparison on LoCoMo: answers, their costs, and paired differences
+
+_CATS = tuple(f"category {n}" for n in (1, 2, 3, 4))
+# LoCoMo F1 at or above this counts as right when the judge's verdicts are set beside it.
+F1_RIGHT = 0.5
+
+
+def _answer_model(r: dict[str, Any]) -> str:
+    return str(r.get("controller") or r.get("model") or "–")
+
+
+def _costs(config: Config, records: list[dict[str, Any]], out: Path | None) -> dict[str, dict[str, float]]:
+    """Per system: questions, tokens run per question (reader and controller, the snapshot build
+    apart), seconds per question read, and the snapshot builds' tokens and seconds divided
+    among the system's questions."""
+    from .run import load_prefills
+
+    builds = {
+        (p["task"], p["source"], p["model"]): p for p in (load_prefills(out) if out is not None else [])
+    }
+    snapshots = {s.name for s in config.systems if s.backend == "lm" and not s.options.get("stateless")}
+    costs = {}
+    for s in _systems(config):
+        sel = [r for r in _select(records, system=s) if not r.get("error")]
+        if not sel:
+            continue
+        n = len(sel)
+        read = {(r["task"], r.get("source"), r.get("model")) for r in sel} if s in snapshots else set()
+        built = [builds[k] for k in read if k in builds]
+        tokens = [
+            (r.get("tokens") or {}).get("processed", 0)
+            + (r.get("controller_tokens") or {}).get("processed", 0)
+            for r in sel
+        ]
+        costs[s] = {
+            "n": n,
+            "tokens": sum(tokens) / n,
+            "read_s": sum((r.get("timings") or {}).get("total_s") or 0.0 for r in sel) / n,
+            "prefill_tokens": sum(p["tokens"] for p in built) / n,
+            "prefill_s": sum(p["seconds"] for p in built) / n,
+            "rounds": sum(r.get("rounds") or 0 for r in sel) / n,
+        }
+    return costs
+
+
+def _locomo_answers(config: Config, records: list[dict[str, Any]], out: Path | None) -> str:
+    rows = []
+    for s in _systems(config):
+        sel = _select(records, system=s)
+        models = sorted({_answer_model(r) for r in sel}) or ["–"]
+        per = [_pct(mean_of([r for r in sel if c in r["types"]], "f1")) for c in _CATS]
+        main = [r for r in sel if "category 5" not in r["types"]]
+        row = [s, ", ".join(models), *per, _pct(mean_of(main, "f1"))]
+        row.append(_pct(mean_of([r for r in sel if "category 5" in r["types"]], "f1")))
+        if config.judge:
+            judged = [r for r in sel if "judge" in r.get("metrics", {})]
+            disagree = [
+                float((r["metrics"]["judge"] >= 0.5) != (r["metrics"]["f1"] >= F1_RIGHT)) for r in judged
+            ]
+            row += [
+                _pct(mean_of(judged, "judge")),
+                _pct((sum(disagree) / len(disagree), len(disagree)) if disagree else None),
+            ]
+        rows.append(row)
+    header = [
+        "System",
+        "Answer model",
+        *(c.replace("category ", "F1 cat ") for c in _CATS),
+        "F1 cats 1-4",
+        "cat 5 (abstains)",
+    ]
+    if config.judge:
+        header += ["judge %", "judge ≠ F1 %"]
+    parts = [
+        "## LoCoMo QA: answers (% , LoCoMo's F1 per category; category 5 scores abstaining)",
+        _table(header, rows),
+    ]
+    if config.judge:
+        parts.append(
+            f"judge ≠ F1: the share of answers where the judge's verdict and F1 ≥ {F1_RIGHT} disagree "
+            "(judge: M3-Bench's prompt, with a local model; report it beside F1, not instead)."
+        )
+    costs = _costs(config, records, out)
+    if costs:
+        cost_rows = [
+            [
+                s,
+                str(int(c["n"])),
+                f"{c['tokens']:,.0f}",
+                f"{c['prefill_tokens']:,.0f}",
+                f"{c['read_s']:.2f}",
+                f"{c['prefill_s']:.2f}",
+                f"{c['read_s'] + c['prefill_s']:.2f}",
+                f"{c['rounds']:.1f}" if c["rounds"] else "–",
+            ]
+            for s, c in costs.items()
+        ]
+        parts += [
+            "## Cost per question",
+            _table(
+                [
+                    "System",
+                    "n",
+                    "tokens run per question",
+                    "snapshot tokens, amortised",
+                    "s per question",
+                    "snapshot s, amortised",
+                    "s total",
+                    "controller rounds",
+                ],
+                cost_rows,
+            ),
+            "Per question: what one question ran (its reads, the answer model's prompt). Amortised: the "
+            "one snapshot build per conversation, divided among the questions read from it.",
+        ]
+    diffs = []
+    for a, b in config.compare:
+        est = _paired(records, a, b)
+        if est is not None:
+            diffs.append(
+                f"- {a} − {b}: F1 cats 1-4 {100 * est.mean:+.1f} points, 95% bootstrap interval "
+                f"[{100 * (est.low or 0):+.1f}, {100 * (est.high or 0):+.1f}], {est.n} paired questions"
+            )
+    if diffs:
+        parts += ["## Paired differences", "\n".join(diffs)]
+    return "\n\n".join(parts)
+
+
+def _paired(records: list[dict[str, Any]], a: str, b: str) -> Any:
+    from .metrics import paired_difference
+
+    def scores(system: str) -> dict[tuple[str, str], float]:
+        return {
+            (r["task"], r["id"]): r["metrics"]["f1"]
+            for r in _select(records, system=system)
+            if "category 5" not in r["types"] and "f1" in r.get("metrics", {})
+        }
+
+    sa, sb = scores(a), scores(b)
+    both = sorted(set(sa) & set(sb))
+    if len(both) < 2:
+        return None
+    return paired_difference([sa[k] for k in both], [sb[k] for k in both])
+
+
 def _locomo_retrieval(config: Config, records: list[dict[str, Any]]) -> str:
     cats = sorted({ty for r in records for ty in r.get("types", []) if ty.startswith("category")})
     parts = []
@@ -313,7 +460,27 @@ def write_plots(config: Config, records: list[dict[str, Any]], out: Path) -> lis
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "latency_vs_memory.png", plt))
+    if config.table == "locomo_answers":
+        paths.append(_accuracy_vs_seconds(config, records, out, plt))
     return paths
+
+
+def _accuracy_vs_seconds(config: Config, records: list[dict[str, Any]], out: Path, plt: Any) -> Path:
+    """One point per system: F1 on categories 1-4 against seconds per question (amortised)."""
+    costs = _costs(config, records, out)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for s, c in costs.items():
+        f1 = mean_of([r for r in _select(records, system=s) if "category 5" not in r["types"]], "f1")
+        if f1 is None:
+            continue
+        x, y = max(1e-3, c["read_s"] + c["prefill_s"]), 100 * f1[0]
+        ax.scatter([x], [y], s=30)
+        ax.annotate(s, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per question (snapshot build amortised)")
+    ax.set_ylabel("LoCoMo F1 %, categories 1-4")
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "accuracy_vs_seconds.png", plt)
 
 
 def _curve(records: list[dict[str, Any]], metric: str) -> list[tuple[float, float]]:

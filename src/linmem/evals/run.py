@@ -36,6 +36,10 @@ from .config import Config, SystemConfig, TaskConfig
 from .tasks.base import Example, Task
 
 RESULTS = "results.jsonl"
+# What building each LM reader's snapshot cost, once per memory and model: {task, system, model,
+# source, tokens, seconds}. Systems of one model share the snapshot (the first builds it), and
+# reports divide its cost among the questions each system read from it.
+PREFILLS = "prefill.jsonl"
 BATCH = 8
 
 
@@ -72,21 +76,28 @@ def run_eval(
     done = finished(results)
     outcome = Outcome(out=out)
     jobs = []
+    # Examples a system skips by its own `limit`: counted as done, never run.
+    for tc, _, examples in plan:
+        for s in config.systems:
+            if s.limit is not None:
+                done |= {(tc.label, s.name, e.id) for e in examples[s.limit :]}
+    todo_n = 0
     for tc, task, examples in plan:
         todo = [e for e in examples if any((tc.label, s.name, e.id) not in done for s in config.systems)]
         outcome.skipped += sum((tc.label, s.name, e.id) in done for e in examples for s in config.systems)
+        todo_n += sum((tc.label, s.name, e.id) not in done for e in examples for s in config.systems)
         for source, group in _by_source(todo).items():
             jobs.append((tc, task, source, group))
-    total = sum(len(g) * len(config.systems) for *_, g in jobs)
     writer = Appender(results)
-    bar = _bar(total, progress)
-    evaluator = Evaluator(config, out / "home", done, writer, bar)
+    bar = _bar(todo_n, progress)
+    evaluator = Evaluator(config, out / "home", done, writer, bar=bar, prefills=Appender(out / PREFILLS))
     workers = config.run.get("concurrency", 4) if _all_remote(config) else 1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for result in pool.map(lambda job: evaluator.run_group(*job), jobs):
             outcome.written += result[0]
             outcome.failed += result[1]
     writer.close()
+    evaluator.prefills.close()
     if bar is not None:
         bar.close()
     from .report import write_report
@@ -145,6 +156,19 @@ def load_records(out: Path) -> list[dict[str, Any]]:
     return records
 
 
+def load_prefills(out: Path) -> list[dict[str, Any]]:
+    """The snapshot builds recorded in OUT/prefill.jsonl (a torn last line is ignored)."""
+    found = []
+    path = out / PREFILLS
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
 def _prefetch_memories(task: Task, examples: Iterable[Example]) -> None:
     # Reads (and so validates) every memory file the run needs before anything is written.
     for source in dict.fromkeys(e.source for e in examples):
@@ -162,7 +186,8 @@ def _by_source(examples: list[Example]) -> dict[str, list[Example]]:
 
 def _all_remote(config: Config) -> bool:
     specs = [s.options.get("model") for s in config.systems if s.backend == "lm"]
-    specs += [(config.agent or {}).get("controller"), (config.judge or {}).get("model")]
+    specs += [(s.agent or {}).get("controller") for s in config.systems]
+    specs += [(config.judge or {}).get("model")]
     return all(spec is None or str(spec).startswith("openai:") for spec in specs)
 
 
@@ -170,13 +195,21 @@ class Evaluator:
     """Runs the examples of one source for every system, on a memory that only grows."""
 
     def __init__(
-        self, config: Config, home: Path, done: set[tuple[str, str, str]], writer: Appender, bar: Any
+        self,
+        config: Config,
+        home: Path,
+        done: set[tuple[str, str, str]],
+        writer: Appender,
+        *,
+        bar: Any,
+        prefills: Appender,
     ):
         self.config = config
         self.home = home
         self.done = done
         self.writer = writer
         self.bar = bar
+        self.prefills = prefills
         self._judge: Any = None
 
     def run_group(self, tc: TaskConfig, task: Task, source: str, examples: list[Example]) -> tuple[int, int]:
@@ -187,7 +220,9 @@ class Evaluator:
                 _ensure(memory, task.memory(batch[0]))
                 for system in self.config.systems:
                     todo = [e for e in batch if (tc.label, system.name, e.id) not in self.done]
-                    for chunk in self._chunks(todo):
+                    if todo:
+                        self._prepare(tc, memory, system, source)
+                    for chunk in self._chunks(todo, system):
                         for record in self._many(tc, task, memory, system, chunk):
                             if record is None:
                                 failed += 1
@@ -203,7 +238,27 @@ class Evaluator:
                 shutil.rmtree(memory.path, ignore_errors=True)
         return written, failed
 
-    def _chunks(self, examples: list[Example]) -> list[list[Example]]:
+    def _prepare(self, tc: TaskConfig, memory: Memory, system: SystemConfig, source: str) -> None:
+        """Build the system's snapshot of this memory before its questions, and record what that
+        cost (nothing is recorded when it was already built, by an earlier run)."""
+        try:
+            reader = memory.reader(system.backend, **self._reader_options(system))
+            update = reader.prepare() if hasattr(reader, "prepare") else None
+        except (EmptyMemory, EngineError):
+            return  # each question records (or retries) it
+        if update is not None and update.tokens:
+            self.prefills.write(
+                {
+                    "task": tc.label,
+                    "system": system.name,
+                    "model": reader.model_id,
+                    "source": source,
+                    "tokens": update.tokens,
+                    "seconds": update.seconds,
+                }
+            )
+
+    def _chunks(self, examples: list[Example], system: SystemConfig) -> list[list[Example]]:
         """Runs of consecutive examples asked with the same kind of reader call, at most `[run]
         batch` long; a controller dialogue runs alone. Order is kept, so each read finds the
         reader's caches as one-by-one reads would."""
@@ -213,8 +268,8 @@ class Evaluator:
         chunks: list[list[Example]] = []
         for e in examples:
             last = chunks[-1] if chunks else None
-            mode = call(e, self.config)
-            if last and mode != "agent" and call(last[0], self.config) == mode and len(last) < size:
+            mode = call(e, system)
+            if last and mode != "agent" and call(last[0], system) == mode and len(last) < size:
                 last.append(e)
             else:
                 chunks.append([e])
@@ -231,7 +286,9 @@ class Evaluator:
             return [self._one(tc, task, memory, system, examples[0])]
         try:
             reader = memory.reader(system.backend, **self._reader_options(system))
-            results = score_many(examples, reader, self.config, self._get_judge(), task_name=tc.name)
+            results = score_many(
+                examples, reader, self.config, self._get_judge(), task_name=tc.name, system=system
+            )
         except (ContextOverflow, EmptyMemory, EngineError):
             return [self._one(tc, task, memory, system, e) for e in examples]
         return [self._record(tc, system, e) | r for e, r in zip(examples, results, strict=True)]
@@ -244,7 +301,7 @@ class Evaluator:
         record = self._record(tc, system, example)
         try:
             reader = memory.reader(system.backend, **self._reader_options(system))
-            record |= score(example, reader, self.config, self._get_judge(), task_name=tc.name)
+            record |= score(example, reader, self.config, self._get_judge(), task_name=tc.name, system=system)
         except (ContextOverflow, EmptyMemory) as e:
             record |= {"error": {"code": e.code, "message": str(e)}, "metrics": _misses(example, self.config)}
         except EngineError as e:
@@ -258,6 +315,7 @@ class Evaluator:
             "task": tc.label,
             "system": system.name,
             "id": example.id,
+            "source": example.source,
             "kind": example.kind,
             "types": list(example.types),
             "question": example.question,
@@ -279,7 +337,7 @@ class Evaluator:
         if self.config.judge and self._judge is None:
             from .judge import Judge
 
-            self._judge = Judge(self.config.judge["model"])
+            self._judge = Judge(**self.config.judge)
         return self._judge
 
 
@@ -347,4 +405,12 @@ def _bar(total: int, progress: bool | None) -> Any:
     return tqdm(total=total, unit="ex", desc="eval")
 
 
-__all__ = ["Outcome", "load_records", "run_eval", "select", "tokens_under_budget"]
+__all__ = [
+    "PREFILLS",
+    "Outcome",
+    "load_records",
+    "load_prefills",
+    "run_eval",
+    "select",
+    "tokens_under_budget",
+]

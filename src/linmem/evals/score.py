@@ -7,32 +7,31 @@ from typing import Any
 
 from ..types import Answer
 from . import metrics as M
-from .config import Config
+from .config import Config, SystemConfig
 from .tasks.base import Example
 
 
-def score(example: Example, reader: Any, config: Config, judge: Any, *, task_name: str) -> dict[str, Any]:
-    """Run `example` against `reader` and score it by its kind."""
-    mode = call(example, config)
+def score(
+    example: Example, reader: Any, config: Config, judge: Any, *, task_name: str, system: SystemConfig
+) -> dict[str, Any]:
+    """Run `example` against `reader` (the reader of `system`) and score it by its kind."""
+    mode = call(example, system)
     if mode == "rank":
         return _retrieval(example, reader.rank(example.question, max(config.k)), config)
     if mode == "read":
         return _answered(example, reader.read(example.question), config, judge, task_name)
     from ..agent import Agent
 
-    assert config.agent
-    trace = Agent(reader, **config.agent).run(example.question)
-    rt = trace.reader_tokens
+    assert system.agent
+    trace = Agent(reader, **system.agent).run(example.question)
     result: dict[str, Any] = {
         "prediction": trace.answer,
         "trace": trace.to_dict(),
         "model": trace.reader,
-        "tokens": {
-            "memory": rt.memory,
-            "processed": rt.processed,
-            "cached": rt.cached,
-            "generated": rt.generated,
-        },
+        "controller": trace.controller,
+        "rounds": trace.rounds,
+        "tokens": _tokens(trace.reader_tokens),
+        "controller_tokens": _tokens(trace.controller_tokens),
         "timings": {
             "total_s": trace.total_s,
             "controller_s": trace.controller_s,
@@ -43,11 +42,17 @@ def score(example: Example, reader: Any, config: Config, judge: Any, *, task_nam
 
 
 def score_many(
-    examples: Sequence[Example], reader: Any, config: Config, judge: Any, *, task_name: str
+    examples: Sequence[Example],
+    reader: Any,
+    config: Config,
+    judge: Any,
+    *,
+    task_name: str,
+    system: SystemConfig,
 ) -> list[dict[str, Any]]:
     """`[score(e, ...) for e in examples]` for examples asked by one kind of reader call (`call`
     gives the same "rank" or "read" for all), with the calls batched: `rank_many`, `read_many`."""
-    modes = {call(e, config) for e in examples}
+    modes = {call(e, system) for e in examples}
     questions = [e.question for e in examples]
     if modes == {"rank"}:
         ranked = reader.rank_many(questions, max(config.k))
@@ -58,12 +63,12 @@ def score_many(
     raise ValueError(f"score_many needs examples of one batchable kind of call, found {sorted(modes)}")
 
 
-def call(example: Example, config: Config) -> str:
-    """How an example asks its reader: "rank" (retrieval), "read" (one answer), or "agent" (a
-    controller dialogue of several reads, which cannot be batched with other examples)."""
+def call(example: Example, system: SystemConfig) -> str:
+    """How an example asks its system's reader: "rank" (retrieval), "read" (one answer), or
+    "agent" (a controller dialogue of reads, which cannot be batched with other examples)."""
     if example.kind == "retrieval":
         return "rank"
-    return "agent" if example.kind == "qa" and config.agent else "read"
+    return "agent" if example.kind == "qa" and system.agent else "read"
 
 
 def _answered(example: Example, answer: Answer, config: Config, judge: Any, task_name: str) -> dict[str, Any]:
@@ -114,16 +119,15 @@ def _category(example: Example) -> int | None:
     return None
 
 
+def _tokens(t: Any) -> dict[str, Any]:
+    return {"memory": t.memory, "processed": t.processed, "cached": t.cached, "generated": t.generated}
+
+
 def _accounting(answer: Answer) -> dict[str, Any]:
     t, tm = answer.tokens, answer.timings
     return {
         "model": answer.model,
-        "tokens": {
-            "memory": t.memory,
-            "processed": t.processed,
-            "cached": t.cached,
-            "generated": t.generated,
-        },
+        "tokens": _tokens(t),
         "timings": {
             "total_s": tm.total_s,
             "prefill_s": tm.prefill_s,

@@ -29,7 +29,7 @@ from .. import prompts, render
 from ..engines import load_engine
 from ..engines.base import BatchedEngine, Generation, Prompt, StatefulEngine
 from ..errors import ContextOverflow, EmptyMemory, EngineError, LinmemError
-from ..state import SnapshotStore
+from ..state import SnapshotStore, Update
 from ..types import Answer, Item, Timings, Tokens
 
 OVERFLOW_MODES = ("error", "window")
@@ -80,6 +80,18 @@ class LMReader:
         only for its question."""
         if self._store is not None and not self.stateless:
             self._store.refresh(self.memory.log, self._memory_budget(0))
+
+    def prepare(self) -> Update | None:
+        """Bring the snapshot up to date now and say what that cost (None when this reader keeps
+        no snapshot, or the memory does not fit): the once-per-memory part of the reads' cost,
+        which an evaluation reports apart from the per-question part."""
+        if self._store is None or self.stateless or self.memory.log.state().count == 0:
+            return None
+        try:
+            _, update = self._store.get(self.memory.log, self._memory_budget(0))
+        except ContextOverflow:
+            return None  # the reads report it, each as its own outcome
+        return update
 
     @property
     def store(self) -> SnapshotStore | None:

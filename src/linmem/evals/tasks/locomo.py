@@ -33,12 +33,21 @@ class LoCoMoTask(Task):
     """LoCoMo QA: kind "qa", or "retrieval" (only QA with evidence, scored on `gold_clips`).
 
     Example ids are ``"<sample_id>:<index in the conversation's qa list>"``, stable under
-    category filtering. `categories` keeps only those LoCoMo categories.
+    filtering. `categories` keeps only those LoCoMo categories, `conversations` only those
+    sample ids, and `per_category` the first N questions of each category in each conversation
+    (a subset that keeps every category, in the file's order).
     """
 
     name = "locomo"
 
-    def __init__(self, path: str, mode: str = "qa", categories: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        mode: str = "qa",
+        categories: list[int] | None = None,
+        conversations: list[str] | None = None,
+        per_category: int | None = None,
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise BadInput(f"unknown LoCoMo mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -46,6 +55,14 @@ class LoCoMoTask(Task):
             not isinstance(categories, list | tuple) or any(c not in CATEGORIES for c in categories)
         ):
             raise BadInput(f"LoCoMo categories must be a list of 1-5, found {categories!r}")
+        if conversations is not None and (
+            not isinstance(conversations, list | tuple) or not all(isinstance(c, str) for c in conversations)
+        ):
+            raise BadInput(f"LoCoMo conversations must be a list of sample ids, found {conversations!r}")
+        if per_category is not None and (
+            isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1
+        ):
+            raise BadInput(f"LoCoMo per_category must be a positive integer, found {per_category!r}")
         self.path = path
         self.mode = mode
         self.categories = tuple(categories) if categories is not None else CATEGORIES
@@ -55,7 +72,13 @@ class LoCoMoTask(Task):
         self._items: dict[str, list[Item]] = {}
         for number, sample in enumerate(data):
             sample_id = self._add_conversation(number, sample)
-            self._examples += self._qa_examples(sample_id, sample["qa"])
+            if conversations is None or sample_id in conversations:
+                self._examples += _first_per_category(
+                    self._qa_examples(sample_id, sample["qa"]), per_category
+                )
+        missing = sorted(set(conversations or ()) - set(self._items))
+        if missing:
+            raise BadInput(f"{path}: no conversation {missing[0]!r} (it has {', '.join(self._items)})")
 
     def items(self, source: str) -> list[Item]:
         if source not in self._items:
@@ -129,6 +152,19 @@ class LoCoMoTask(Task):
                 )
             )
         return examples
+
+
+def _first_per_category(examples: list[Example], n: int | None) -> list[Example]:
+    if n is None:
+        return examples
+    seen: dict[int, int] = {}
+    kept = []
+    for e in examples:
+        category = e.meta["category"]
+        if seen.get(category, 0) < n:
+            seen[category] = seen.get(category, 0) + 1
+            kept.append(e)
+    return kept
 
 
 def evidence_sessions(evidence: list[Any], sessions: set[int | None]) -> tuple[tuple[int, ...], int]:
