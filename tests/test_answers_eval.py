@@ -95,13 +95,18 @@ def test_the_answers_table_runs_each_system_its_own_way(tmp_path: Path, data: Pa
     assert all("trace" not in r for r in by["reader, direct"] + by["reader, stateless"])
     assert all(r["trace"]["turns"][-1]["tokens"]["generated"] <= 8 for r in by["reader → answer"])
     # The snapshot of each conversation is built once, before its questions, for the one model.
+    # So are the hash embedder's vectors, once for both of the readers that search them.
     builds = records(out, PREFILLS)
-    assert sorted(b["source"] for b in builds) == ["conv-0", "conv-1"]
-    assert {b["model"] for b in builds} == {"tiny:qwen3.5"} and all(b["tokens"] > 0 for b in builds)
-    assert all(r["tokens"]["processed"] < min(b["tokens"] for b in builds) for r in by["reader, direct"])
+    assert sorted((b["model"], b["source"]) for b in builds) == [
+        (m, c) for m in ("hash:256", "tiny:qwen3.5") for c in ("conv-0", "conv-1")
+    ]
+    assert all(b["tokens"] > 0 for b in builds)
+    lm_builds = [b for b in builds if b["model"] == "tiny:qwen3.5"]
+    assert all(r["tokens"]["processed"] < min(b["tokens"] for b in lm_builds) for r in by["reader, direct"])
+    assert all(r["tokens"]["processed"] < 20 for r in by["embedding → answer"])  # the question only
     # A rerun redoes nothing and builds nothing.
     again = run_eval(config, out=out)
-    assert again.written == 0 and len(records(out, PREFILLS)) == 2
+    assert again.written == 0 and len(records(out, PREFILLS)) == 4
 
 
 def test_the_report_gives_costs_differences_and_the_judge_from_the_records(
@@ -114,12 +119,12 @@ def test_the_report_gives_costs_differences_and_the_judge_from_the_records(
     got = records(out)
     # Amortised snapshot seconds: the builds of the conversations a system read, over its questions.
     builds = records(out, PREFILLS)
-    direct = [r for r in got if r["system"] == "reader, direct"]
-    amortised = sum(b["seconds"] for b in builds) / len(direct)
-    row = _row(report, "reader, direct", "## Cost per question")
-    assert row[5] == f"{amortised:.2f}" and row[1] == str(len(direct))
-    assert _row(report, "reader, stateless", "## Cost per question")[5] == "0.00"  # no snapshot
-    assert _row(report, "embedding → answer", "## Cost per question")[5] == "0.00"
+    for system, model in (("reader, direct", "tiny:qwen3.5"), ("embedding → answer", "hash:256")):
+        mine = [r for r in got if r["system"] == system]
+        amortised = sum(b["seconds"] for b in builds if b["model"] == model) / len(mine)
+        row = _row(report, system, "## Cost per question")
+        assert row[5] == f"{amortised:.2f}" and row[1] == str(len(mine)), system
+    assert _row(report, "reader, stateless", "## Cost per question")[3] == "0"  # it keeps nothing
     # The paired difference is over the questions both answered, categories 1-4.
     f1 = {
         s: {r["id"]: r["metrics"]["f1"] for r in got if r["system"] == s and "category 5" not in r["types"]}

@@ -3,6 +3,7 @@ the bench measures it and refuses to report it when exactness fails."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -102,3 +103,15 @@ def test_search_bench_measures_every_part() -> None:
     assert r["writes"]["ratio"] > 0 and r["query_embedding"]["p50_ms"] > 0
     # Scale targets are judged only at 100,000 items; the write ratio at any size.
     assert r["targets"]["search_p50_ms<=10"] is None and isinstance(r["targets"]["write_ratio<=1.2"], bool)
+
+
+def test_agent_bench_runs_each_question_both_ways_and_compares_the_traces() -> None:
+    from linmem.bench_agent import run_agent_bench
+
+    result = run_agent_bench("tiny:qwen3", backend="embedding", questions=1, echo=False)
+    (row,) = result["questions"]
+    assert row["rounds"] == 5 and row["identical"]  # a random controller never answers
+    assert row["kept_tokens"] < row["stateless_tokens"]
+    assert result["ratio_all"] == row["stateless_tokens"] / row["kept_tokens"]
+    assert result["target"].endswith(("met", "missed"))
+    json.dumps(result)

@@ -287,6 +287,14 @@ def _tool_commands(command: Command) -> None:
     )
     b.add_argument("--items", type=int, help="with --search: how many items (default 100,000)")
     b.add_argument(
+        "--agent",
+        metavar="CONTROLLER",
+        help="the M3 agent with this controller spec (e.g. gguf:qwen2.5-coder-1.5b) run with and "
+        "without its kept state: identical traces, controller tokens run per question",
+    )
+    b.add_argument("--backend", choices=BACKENDS, default="hybrid", help="with --agent: the memory reader")
+    b.add_argument("--questions", type=int, default=5, help="with --agent: how many questions (default 5)")
+    b.add_argument(
         "--engine",
         metavar="SPEC",
         help="gguf:PATH: the llama.cpp engine against llama.cpp itself; hf:PATH: the transformers "
@@ -616,6 +624,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.agent:
+        from .bench_agent import run_agent_bench
+
+        return run_agent_bench(args.agent, backend=args.backend, questions=args.questions, echo=not args.json)
     if args.search:
         from .bench_search import run_search_bench
 

@@ -270,14 +270,18 @@ def _costs(config: Config, records: list[dict[str, Any]], out: Path | None) -> d
     builds = {
         (p["task"], p["source"], p["model"]): p for p in (load_prefills(out) if out is not None else [])
     }
-    snapshots = {s.name for s in config.systems if s.backend == "lm" and not s.options.get("stateless")}
+    keeps = {s.name for s in config.systems if not s.options.get("stateless")}
     costs = {}
     for s in _systems(config):
         sel = [r for r in _select(records, system=s) if not r.get("error")]
         if not sel:
             continue
         n = len(sel)
-        read = {(r["task"], r.get("source"), r.get("model")) for r in sel} if s in snapshots else set()
+        read = (
+            {(r["task"], r.get("source"), m) for r in sel for m in _built_by(r.get("model"))}
+            if s in keeps
+            else set()
+        )
         built = [builds[k] for k in read if k in builds]
         tokens = [
             (r.get("tokens") or {}).get("processed", 0)
@@ -295,6 +299,14 @@ def _costs(config: Config, records: list[dict[str, Any]], out: Path | None) -> d
     return costs
 
 
+def _built_by(model: Any) -> set[str]:
+    """The ids under which what a reader of `model` reads was built: itself, and for the hybrid
+    reader (``bm25+EMBEDDER``) its embedder's vectors."""
+    if not isinstance(model, str):
+        return set()
+    return {model, model.removeprefix("bm25+")}
+
+
 def _locomo_answers(config: Config, records: list[dict[str, Any]], out: Path | None) -> str:
     rows = []
     for s in _systems(config):
@@ -304,6 +316,7 @@ def _locomo_answers(config: Config, records: list[dict[str, Any]], out: Path | N
         main = [r for r in sel if "category 5" not in r["types"]]
         row = [s, ", ".join(models), *per, _pct(mean_of(main, "f1"))]
         row.append(_pct(mean_of([r for r in sel if "category 5" in r["types"]], "f1")))
+        row.append(_pct(mean_of(sel, "answered")))
         if config.judge:
             judged = [r for r in sel if "judge" in r.get("metrics", {})]
             disagree = [
@@ -320,6 +333,7 @@ def _locomo_answers(config: Config, records: list[dict[str, Any]], out: Path | N
         *(c.replace("category ", "F1 cat ") for c in _CATS),
         "F1 cats 1-4",
         "cat 5 (abstains)",
+        "answered",
     ]
     if config.judge:
         header += ["judge %", "judge ≠ F1 %"]
@@ -354,17 +368,19 @@ def _locomo_answers(config: Config, records: list[dict[str, Any]], out: Path | N
                     "System",
                     "n",
                     "tokens run per question",
-                    "snapshot tokens, amortised",
+                    "built once: tokens, amortised",
                     "s per question",
-                    "snapshot s, amortised",
+                    "built once: s, amortised",
                     "s total",
                     "controller rounds",
                 ],
                 cost_rows,
             ),
-            "Per question: what one question ran (its reads, the answer model's prompt). Amortised: the "
-            "one snapshot build per conversation, divided among the questions read from it.",
+            "Per question: what one question ran (its reads, the answer model's prompt). Built once: the "
+            "LM reader's snapshot of the conversation, or the embeddings of its turns, made before the "
+            "questions and divided among the questions read from it.",
         ]
+    parts += _stateless_checks(config, records)
     diffs = []
     for a, b in config.compare:
         est = _paired(records, a, b)
@@ -376,6 +392,38 @@ def _locomo_answers(config: Config, records: list[dict[str, Any]], out: Path | N
     if diffs:
         parts += ["## Paired differences", "\n".join(diffs)]
     return "\n\n".join(parts)
+
+
+def _stateless_checks(config: Config, records: list[dict[str, Any]]) -> list[str]:
+    """Each stateless LM system against the snapshot system of the same model and settings: the
+    answers (greedy, so they must be the same) and the seconds per question on the same ids."""
+    lines = []
+    for ref in config.systems:
+        if ref.backend != "lm" or not ref.options.get("stateless"):
+            continue
+        same = {k: v for k, v in ref.options.items() if k != "stateless"}
+        twins = [
+            s
+            for s in config.systems
+            if s.backend == "lm"
+            and not s.options.get("stateless")
+            and (s.options, s.agent) == (same, ref.agent)
+        ]
+        if not twins:
+            continue
+        full = {r["id"]: r for r in _select(records, system=ref.name) if not r.get("error")}
+        snap = {r["id"]: r for r in _select(records, system=twins[0].name) if not r.get("error")}
+        both = sorted(set(full) & set(snap))
+        if not both:
+            continue
+        agree = sum(full[i]["prediction"] == snap[i]["prediction"] for i in both)
+        t_full = sum(full[i]["timings"]["total_s"] for i in both) / len(both)
+        t_snap = sum(snap[i]["timings"]["total_s"] for i in both) / len(both)
+        lines.append(
+            f"- {ref.name} against {twins[0].name}: the same answer on {agree} of {len(both)} questions; "
+            f"{t_full:.1f} s against {t_snap:.2f} s per question ({t_full / max(t_snap, 1e-9):.0f}x)"
+        )
+    return ["## Snapshot read against stateless read", "\n".join(lines)] if lines else []
 
 
 def _paired(records: list[dict[str, Any]], a: str, b: str) -> Any:

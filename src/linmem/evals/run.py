@@ -239,19 +239,23 @@ class Evaluator:
         return written, failed
 
     def _prepare(self, tc: TaskConfig, memory: Memory, system: SystemConfig, source: str) -> None:
-        """Build the system's snapshot of this memory before its questions, and record what that
-        cost (nothing is recorded when it was already built, by an earlier run)."""
+        """Build what the system's reader keeps of this memory (an LM's snapshot, an embedder's
+        vectors) before its questions, and record what that cost (nothing when it was built
+        already, by another system or an earlier run)."""
         try:
             reader = memory.reader(system.backend, **self._reader_options(system))
             update = reader.prepare() if hasattr(reader, "prepare") else None
         except (EmptyMemory, EngineError):
             return  # each question records (or retries) it
         if update is not None and update.tokens:
+            # Keyed by what was built: a snapshot is the LM's, vectors are the embedder's (and
+            # shared with every reader of that embedder, the hybrid's dense half included).
+            embedder = getattr(reader, "embedder", None)
             self.prefills.write(
                 {
                     "task": tc.label,
                     "system": system.name,
-                    "model": reader.model_id,
+                    "model": embedder.id if embedder is not None else reader.model_id,
                     "source": source,
                     "tokens": update.tokens,
                     "seconds": update.seconds,

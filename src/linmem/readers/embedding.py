@@ -35,6 +35,7 @@ from ..embedders import Embedder, load_embedder
 from ..errors import BadInput, EmptyMemory, EngineError, LinmemError
 from ..log import Log, LogState
 from ..render import render
+from ..state import Update
 from ..types import Answer, Hit, Item, Timings, Tokens
 
 if TYPE_CHECKING:
@@ -112,6 +113,18 @@ class EmbeddingReader:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise BadInput(f"k must be a positive integer, found {k!r}")
         return self._answer(query, k, clips_only=True)
+
+    def prepare(self) -> Update | None:
+        """Embed what the index lacks now and say what that cost (None for an empty memory): the
+        once-per-memory part of the searches' cost, which an evaluation reports apart."""
+        if self.memory.log.state().count == 0:
+            return None
+        t0 = time.perf_counter()
+        self._prepare()
+        index = self.index
+        with index.lock:
+            work = index.sync(self.memory.log)
+        return Update(work.tokens, time.perf_counter() - t0, "embedded" if work.tokens else "up to date")
 
     def on_write(self, items: Sequence[Item]) -> None:
         """Embed just-written items now if the index is live; otherwise the next read will."""
