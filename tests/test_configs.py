@@ -18,6 +18,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 SHRINK = {
     "summarization.toml": ["--set", "tasks.0.n=3"],
     "locomo-answers.toml": ["--unset", "tasks.0.conversations"],
+    "locomo-agent.toml": ["--unset", "tasks.0.conversations"],
 }
 
 

@@ -307,3 +307,24 @@ def test_a_real_controller_gives_the_same_trace_with_and_without_its_kept_state(
     assert r.processed + r.cached == f.processed
     if reused.rounds > 1:
         assert r.cached > 0
+
+
+@pytest.mark.parametrize("which", ["smol", "hybrid"])
+def test_any_cut_into_calls_of_8_or_more_tokens_gives_the_same_logits(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    import numpy as np
+
+    from linmem.engines.llama import _windows
+
+    engine = load_engine(request.getfixturevalue(which))
+    rng = random.Random()
+    ids = engine.encode(" ".join(rng.choice(THINGS + ROOMS) for _ in range(400)))[: rng.randrange(530, 700)]
+    whole = engine.new_cache()
+    ref = engine.advance(whole, ids).row
+    cut = rng.randrange(8, len(ids) - 8)
+    parts = engine.new_cache()
+    engine.advance(parts, ids[:cut])
+    assert np.array_equal(engine.advance(parts, ids[cut:]).row, ref), cut
+    # No call is shorter than 8 tokens when it can be helped.
+    assert all(b - a >= 8 for a, b in _windows(513)) and _windows(513)[-1][1] == 513

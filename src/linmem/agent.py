@@ -18,7 +18,10 @@ is so that only the memory backend changes between runs:
 
 Differences from control.py: replies are parsed tolerantly (any case, markdown, missing brackets
 or labels) where control.py uses one strict regex; its ``"character id"`` line-wise search is not
-reproduced; a search asked for in the last round is not run, since nothing would read it.
+reproduced; a search asked for in the last round is not run, since nothing would read it; a reply
+ends at the end of its ``Content:`` line (`reply_done`) and after at most 256 tokens, where
+control.py let a reasoning model write 1,024; a local controller continues each round from the
+state the last one left (`linmem.engines.session`), which changes the work, not the replies.
 
 Policy ``"single-shot"`` is the no-loop baseline: one search with the question itself, then one
 controller reply, with the same prompts and the last-round suffix, that must answer. Without a

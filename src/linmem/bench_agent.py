@@ -1,7 +1,8 @@
 """`linmem bench --agent SPEC`: the M3 controller with and without the state it keeps between rounds.
 
-The memory is the packaged robot day (66 items); each question is run by the M3 agent twice with
-the controller `SPEC`: once re-reading its whole dialogue every round (`reuse_state=False`, the
+The memory is the packaged robot day (66 items), read by hybrid search or (`--backend lm`) by the
+LM reader with the controller's own model; each question is run by the M3 agent twice with the
+controller `SPEC`: once re-reading its whole dialogue every round (`reuse_state=False`, the
 reference) and once from its kept state (`ChatSession`), in alternating order so that neither
 always runs on a warmer machine. Reported per question: rounds, the controller's prompt tokens
 run both ways, seconds both ways, and whether the two traces are identical (every turn's text,
@@ -45,7 +46,12 @@ def run_agent_bench(
     with tempfile.TemporaryDirectory(prefix="linmem-bench-agent-") as home:
         memory = open_memory("robot-day", home=Path(home), create=True)
         memory.write(read_items(sample_path()))
-        reader = memory.reader(backend)
+        # An LM reader reads with the controller's model: one model in RAM, as in the evals.
+        reader = (
+            memory.reader("lm", model=controller, max_new_tokens=96)
+            if backend == "lm"
+            else memory.reader(backend)
+        )
         say(f"controller {controller}, reader {backend}, {threads()} thread(s), {len(asked)} questions")
         rows = []
         for i, question in enumerate(asked):
@@ -66,7 +72,7 @@ def run_agent_bench(
             )
         memory.close()
     long = [r for r in rows if r["rounds"] >= MIN_ROUNDS]
-    summary = {
+    summary: dict[str, Any] = {
         "identical": all(r["identical"] for r in rows),
         "ratio_all": _ratio(rows),
         f"ratio_{MIN_ROUNDS}_rounds_or_more": _ratio(long) if long else None,

@@ -214,7 +214,8 @@ class HFEngine(LocalEngine):
         *,
         until: Callable[[list[int]], bool] | None = None,
     ) -> list[int]:
-        """Greedy decoding from the logits of the last prompt position; stops at an end token."""
+        """Greedy decoding from the logits of the last prompt position; stops at an end token, after
+        `max_new_tokens`, or once `until(tokens so far)` holds."""
         return self._decode_loop(cache, logits, max_new_tokens, lambda row: int(row.argmax()), until)
 
     def sample(

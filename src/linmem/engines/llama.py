@@ -39,6 +39,10 @@ from .base import LocalEngine, strip_think, threads, transcript
 
 # Tokens per llama_decode call in a prefill (llama.cpp's own default batch).
 BATCH = 512
+# The fewest tokens a prefill call runs (when it has them): below 8, llama.cpp's CPU matmuls take
+# another path whose results differ in the last bits, so a state continued by a few tokens would
+# not equal the same tokens read in one pass (see `_windows` and `ChatSession`).
+MIN_WINDOW = 8
 # Context allocated when the model allows more; `$LINMEM_CONTEXT` sets it (KV memory is reserved
 # up front for the whole context, so a 262k-token model would otherwise take GBs at load).
 DEFAULT_CONTEXT = 32768
@@ -208,6 +212,7 @@ class LlamaEngine(LocalEngine):
         self.label = ""
         self.architecture = header.architecture
         self.n_threads = n_threads or threads()
+        self.min_window = MIN_WINDOW
         self.fingerprint = _gguf.fingerprint(header)
         self.config_hash = header.header_sha256
         self.versions = {"llama_cpp": str(llama_cpp.__version__)}
@@ -307,8 +312,8 @@ class LlamaEngine(LocalEngine):
         with self._lock:
             self._check_room(cache.n + len(ids))
             self._activate(cache)
-            for start in range(0, len(ids), BATCH):
-                window = ids[start : start + BATCH]
+            for start, end in _windows(len(ids)):
+                window = ids[start:end]
                 self._decode(window, cache.n)
                 cache.n += len(window)
                 if progress is not None:
@@ -472,6 +477,17 @@ class LlamaEngine(LocalEngine):
             )
 
 
+def _windows(n: int) -> list[tuple[int, int]]:
+    """[start, end) of the llama_decode calls for n prompt tokens: BATCH at a time, the last two
+    evened out when the last would be shorter than MIN_WINDOW."""
+    bounds = [(lo, min(n, lo + BATCH)) for lo in range(0, n, BATCH)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < MIN_WINDOW:
+        (a, _), (_, end) = bounds[-2], bounds[-1]
+        middle = end - MIN_WINDOW
+        bounds[-2:] = [(a, middle), (middle, end)]
+    return bounds
+
+
 def _chat_template(
     header: _gguf.Header, token_text: Callable[[int], str]
 ) -> Callable[[list[dict[str, str]]], str]:
@@ -510,6 +526,12 @@ def _open(llama_cpp: Any, path: Path, header: _gguf.Header, n_threads: int) -> t
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = 0
+    # No repacked weight copies: with them a token's result depends on how many others share its
+    # llama_decode call (Qwen2.5 Q4_K_M, AVX-512: logits 0.3 apart for the same ids cut at 31 or
+    # 32), so a continued state would not equal a full read; without them every cut into calls
+    # of 8 tokens or more gives the same bits, and prefill here was faster too (201 against 127
+    # tok/s, 2 threads).
+    mparams.use_extra_bufts = False
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
     if not model:
         raise ModelUnavailable(

@@ -52,7 +52,10 @@ class ChatSession:
         engine = self.engine
         ids = engine.chat_ids(messages)
         engine.check_fits(len(ids), max_new_tokens, what="the chat")
-        stable = min(_common(ids, engine.chat_ids([*messages, *_PROBE])), len(ids) - 1)
+        # The part run after the kept state is at least the engine's smallest exact call (llama.cpp's
+        # results change below 8 tokens a call; see `linmem.engines.llama.MIN_WINDOW`).
+        tail = max(1, getattr(engine, "min_window", 1))
+        stable = max(0, min(_common(ids, engine.chat_ids([*messages, *_PROBE])), len(ids) - tail))
         t0 = time.perf_counter()
         start, base = self._longest(ids)
         state = engine.fork(base) if base is not None else engine.new_cache()
@@ -77,12 +80,13 @@ class ChatSession:
         )
 
     def _longest(self, ids: list[int]) -> tuple[int, Any]:
-        """(length, state) of the longest kept state whose ids begin `ids`, leaving at least one
-        token to run (the logits come from it); (0, None) when none does."""
+        """(length, state) of the longest kept state whose ids begin `ids`, leaving at least the
+        engine's smallest exact call to run (the logits come from it); (0, None) when none does."""
         best: tuple[int, Any] = (0, None)
+        tail = max(1, getattr(self.engine, "min_window", 1))
         for kept, state in self._states:
             n = len(kept)
-            if best[0] < n < len(ids) and ids[:n] == kept:
+            if best[0] < n <= len(ids) - tail and ids[:n] == kept:
                 best = (n, state)
         return best
 

@@ -76,15 +76,24 @@ def run_eval(
     done = finished(results)
     outcome = Outcome(out=out)
     jobs = []
-    # Examples a system skips by its own `limit`: counted as done, never run.
-    for tc, _, examples in plan:
-        for s in config.systems:
-            if s.limit is not None:
-                done |= {(tc.label, s.name, e.id) for e in examples[s.limit :]}
+    # Examples a system leaves out by its own `limit` are never run (nor counted as skipped).
+    beyond = {
+        (tc.label, s.name, e.id)
+        for tc, _, examples in plan
+        for s in config.systems
+        if s.limit
+        for e in examples[s.limit :]
+    }
+    outcome.skipped = sum(
+        (tc.label, s.name, e.id) in done - beyond
+        for tc, _, examples in plan
+        for e in examples
+        for s in config.systems
+    )
+    done |= beyond
     todo_n = 0
     for tc, task, examples in plan:
         todo = [e for e in examples if any((tc.label, s.name, e.id) not in done for s in config.systems)]
-        outcome.skipped += sum((tc.label, s.name, e.id) in done for e in examples for s in config.systems)
         todo_n += sum((tc.label, s.name, e.id) not in done for e in examples for s in config.systems)
         for source, group in _by_source(todo).items():
             jobs.append((tc, task, source, group))
