@@ -36,9 +36,10 @@ from .config import Config, SystemConfig, TaskConfig
 from .tasks.base import Example, Task
 
 RESULTS = "results.jsonl"
-# What building each LM reader's snapshot cost, once per memory and model: {task, system, model,
-# source, tokens, seconds}. Systems of one model share the snapshot (the first builds it), and
-# reports divide its cost among the questions each system read from it.
+# What building each reader's keep of a memory cost (an LM's snapshot, an embedder's vectors),
+# once per memory and model: {task, system, model, source, tokens, seconds}. Readers of one model
+# share what was built (the first builds it), and reports divide its cost among the questions
+# each system read from it.
 PREFILLS = "prefill.jsonl"
 BATCH = 8
 
@@ -142,20 +143,22 @@ def select(task: Task, limit: int | None) -> list[Example]:
 
 def finished(results: Path) -> set[tuple[str, str, str]]:
     """Keys of the records already written; a torn last line (a crash mid-write) is ignored."""
-    done = set()
-    if results.is_file():
-        for line in results.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done.add((r["task"], r["system"], r["id"]))
-    return done
+    return {(r["task"], r["system"], r["id"]) for r in _read_lines(results)}
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
+    return _read_lines(out / RESULTS)
+
+
+def load_prefills(out: Path) -> list[dict[str, Any]]:
+    """The builds recorded in OUT/prefill.jsonl (a torn last line is ignored)."""
+    return _read_lines(out / PREFILLS)
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a journal file, one a line; a line that does not parse (the torn
+    last line of a crash mid-write) is skipped. No file: no records."""
     records = []
-    path = out / RESULTS
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
@@ -163,19 +166,6 @@ def load_records(out: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
-
-
-def load_prefills(out: Path) -> list[dict[str, Any]]:
-    """The snapshot builds recorded in OUT/prefill.jsonl (a torn last line is ignored)."""
-    found = []
-    path = out / PREFILLS
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                found.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return found
 
 
 def _prefetch_memories(task: Task, examples: Iterable[Example]) -> None:
