@@ -120,13 +120,13 @@ def test_malformed_turns_are_empty_searches(memory: Memory) -> None:
     ]
     trace, chat = run(embedding(memory), replies)
     assert trace.answer == "Lily"
-    assert (trace.rounds, trace.searches) == (3, 2)
+    assert (trace.rounds, trace.searches) == (3, 0)
     assert [t.action for t in trace.turns if t.role == "assistant"] == ["invalid", "search", "answer"]
     empty = user("Searched knowledge: {}" + EMPTY + INSTRUCTION)
     assert chat.calls[1][-1] == empty and chat.calls[2][-1] == empty
-    # Nothing was read: no reader tokens, no reader time, no reader named.
+    # Nothing was read: no searches, no reader tokens, no reader time; the reader is still named.
     assert trace.reader_tokens == Tokens(None, 0, 0, 0)
-    assert (trace.reader_s, trace.reader) == (0.0, None)
+    assert (trace.reader_s, trace.reader) == (0.0, embedding(memory).model_id)
 
 
 def test_the_last_round_must_answer(memory: Memory) -> None:

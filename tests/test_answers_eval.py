@@ -156,11 +156,14 @@ def _row(report: str, system: str, section: str) -> list[str]:
             lambda t: t.replace('"embedding → answer"]]', '"nobody"]]'),
             r"compare must be a list of \[system, system\]",
         ),
-        (lambda t: t.replace("limit = 2", "limit = 0"), r"systems\[3\]\.limit must be a positive integer"),
-        (lambda t: t.replace("agent = false", 'agent = "m3"'), r"systems\[1\]\.agent must be a table"),
+        (
+            lambda t: t.replace("limit = 2", "limit = 0"),
+            r"systems\.3\.limit must be a positive integer, found 0",
+        ),
+        (lambda t: t.replace("agent = false", 'agent = "m3"'), r"systems\.1\.agent must be a table"),
         (
             lambda t: t.replace("max_new_tokens = 8 }", "max_new_tokens = 8, colour = 1 }"),
-            r"systems\[0\]\.agent: unknown key 'colour'",
+            r"systems\.0\.agent: unknown key 'colour'",
         ),
         (lambda t: t.replace('["conv-0", "conv-1"]', '["conv-9"]'), r"no conversation 'conv-9'"),
         (

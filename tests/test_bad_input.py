@@ -312,7 +312,7 @@ def test_forget_all_past_the_sqlite_variable_limit(capsys: pytest.CaptureFixture
     memory.write([Item(text=f"item {i}", clip=i % 100) for i in range(40_000)])
     memory.close()
     status, out = cli(capsys, "forget", "many", "--all")
-    assert status == 0 and out == {"memory": "many", "forgotten": 40_000, "items": 0}, out
+    assert status == 0 and out == {"memory": "many", "forgotten": 40_000, "missing": [], "items": 0}, out
 
 
 @pytest.mark.parametrize("bad", ["CON", "nul", "a.", "COM1.txt"])

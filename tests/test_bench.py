@@ -36,7 +36,15 @@ def test_one_memory_is_exact_and_measured(arch: str, tmp_path) -> None:
     assert row["query_tokens"] < 64  # a cached read runs only the question
     assert append["added_tokens"] >= bench.APPEND_TOKENS and append["append_s"] > 0
     assert size["state_bytes"] > 0 and size["disk_bytes"] >= size["state_bytes"]
+    # The first read builds the snapshot: it costs more than a warm one.
+    assert row["first_read_ttft_s"] > row["cached_ttft_s"]
     memory.close()
+    if arch == "kimi-linear":  # the plots, from these rows (one architecture is enough)
+        import matplotlib.image
+
+        r = {"machine": {"threads": 1}, "reads": [row | {"arch": arch}], "bytes": [size | {"arch": arch}]}
+        for png in bench._plots(r, tmp_path / "plots"):
+            assert matplotlib.image.imread(png).shape[0] > 100
 
 
 def test_targets_report_met_and_missed() -> None:
@@ -57,6 +65,105 @@ def test_targets_report_met_and_missed() -> None:
     assert t["linear_holds_2x_softmax_under_budget"] == {"value": 2.0, "met": True}
     assert t["kda_kernel_10x_reference"]["met"] and not t["kda_kernel_40pct_roofline"]["met"]
     assert t["gdn_kernel_2x_reference"] == {"value": None, "met": False}
+
+
+@pytest.mark.parametrize(
+    ("load", "threads", "spread", "own", "why"),
+    [
+        (0.1, 2, 1.1, 0.0, None),  # idle
+        (0.4, 2, 1.2, 0.0, None),  # what an idle machine's own chores add
+        (0.9, 1, 1.2, 0.0, None),  # one other job and one thread timed: a core each
+        (1.9, 2, 1.2, 0.0, "load average 1.90 on 2 cores"),  # one other job on a 2-thread run
+        (2.6, 1, 1.2, 0.0, "load average 2.60 on 2 cores"),  # the issue's: an eval on both cores
+        (2.1, 2, 1.2, 2.0, None),  # after a run: its own threads are the load
+        (0.1, 1, 3.5, 0.0, "varied 3.5x"),  # the probe saw work the load average missed
+        (None, 1, None, 0.0, None),  # no figures (no getloadavg): no verdict
+    ],
+)
+def test_a_busy_machine_is_told_from_its_load(
+    load: float | None, threads: int, spread: float | None, own: float, why: str | None
+) -> None:
+    reason = bench.busy(load, 2, threads, spread, own=own)
+    assert (reason is None) == (why is None)
+    assert why is None or (reason is not None and why in reason)
+
+
+def test_load_check_measures_and_warns() -> None:
+    check = bench.load_check(1)
+    assert check["cores"] >= 1 and check["threads"] == 1 and check["probe_spread"] >= 1.0
+    said: list[str] = []
+    bench._warn_if_busy(check | {"load_1m": 9.0, "probe_spread": 1.0}, "before", said.append)
+    assert said and said[0].startswith(
+        "WARNING: this machine is busy before the benchmark (load average 9.00"
+    )
+    said.clear()
+    bench._warn_if_busy(check | {"load_1m": 0.0, "probe_spread": 1.0}, "after", said.append)
+    assert said == []
+
+
+def _measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand-ins for the slow sections (minutes of tiny models, subprocesses and kernels), so
+    that the command's assembly, flags and output are what runs."""
+    at = {"target_tokens": 1024, "memory_tokens": 1100}
+    read = {
+        "query_tokens": 42,
+        "stateless_ttft_s": 0.02,
+        "cached_ttft_s": 0.004,
+        "speedup": 5.0,
+        "exact": True,
+    }
+    append = {"added_tokens": 520, "append_s": 0.03, "linear_layers_s": 0.01, "attention_layers_s": 0.01}
+    reads = [at | read | {"arch": a, "cached_read_s": 0.01} for a in bench.ARCHS]
+    reads.append({"arch": "embedding", "target_tokens": 1024, "read_s": 0.008})
+    appends = [at | append | {"arch": a} for a in bench.ARCHS]
+    sizes = [at | {"arch": a, "state_bytes": 9, "disk_bytes": 10} for a in bench.ARCHS]
+    budget = {
+        "budget_mb": 16,
+        "tokens": dict.fromkeys(bench.ARCHS, 1000),
+        "context": dict.fromkeys(bench.ARCHS, 2048),
+    }
+    rss = {a: {"tokens": [1024, 4096], "peak_rss_bytes": [2**28, 2**28], "ratio": 1.0} for a in bench.LINEAR}
+    monkeypatch.setattr(bench, "_reads", lambda lengths, say: (reads, appends, sizes))
+    monkeypatch.setattr(bench, "_budget", lambda: budget)
+    monkeypatch.setattr(bench, "_rss", lambda lengths: rss)
+    monkeypatch.setattr(bench, "_kernels", lambda quick: {"error": "not measured here"})
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_targets_are_shown_only_when_asked(
+    asked: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    from linmem import cli
+
+    _measured(monkeypatch)
+    flags = ["--targets"] if asked else []
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert ("targets (the project's own)" in printed) == asked
+    result = json.loads(printed.strip().splitlines()[-1])  # the JSON line comes last
+    assert ("targets" in result) == asked
+    assert set(result["load"]) == {"before", "after", "busy", "warning"}
+    assert result["load"]["before"]["cores"] >= 1 and result["machine"]["threads"] >= 1
+    assert ("WARNING: figures measured on a busy machine" in printed) == result["load"]["busy"]
+    assert cli.main(["bench", "--quick", "--json", "--out", str(tmp_path), *flags]) == 0
+    assert ("targets" in json.loads(capsys.readouterr().out)) == asked
+
+
+def test_embedding_bench_is_exact_and_measures_each_part() -> None:
+    r = bench.run_embedding_bench(items=97, sample=40, batches=(16,), echo=False)
+    assert r["items"] == 97 and r["exactness"]["exact"], r["exactness"]
+    p = r["padding"]
+    assert (
+        1.0
+        <= p["padded_per_token_sorted"]
+        <= p["padded_per_token_sorted_per_call"]
+        <= p["padded_per_token_unsorted"]
+    )
+    assert r["former"]["calls"] == 1 and r["former"]["lines_per_s"] > 0 and r["index"]["lines_per_s"] > 0
+    assert r["index"]["threads"] == r["machine"]["threads"]
+    assert {(x["batch"], x["sorted"]) for x in r["sweep"]} == {(16, True), (32, False)}
+    assert r["load"]["after"]["threads"] == r["machine"]["threads"]
+    json.dumps(r)
 
 
 def test_endpoint_bench_against_a_loopback_server() -> None:

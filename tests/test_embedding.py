@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from openai_server import OpenAIServer
 
+from linmem import progress
 from linmem.embedders import (
     DEFAULT_EMBEDDER,
     Embedder,
@@ -25,6 +26,7 @@ from linmem.embedders import (
 )
 from linmem.errors import BadInput, EmptyMemory, EngineError, ModelUnavailable, UnknownSpec
 from linmem.memory import Memory, open_memory
+from linmem.readers import embedding
 from linmem.readers.embedding import EmbeddingReader, safe_file_stem
 from linmem.types import Answer, Item
 
@@ -218,6 +220,60 @@ def test_rank_equals_naive_reference(spec: str, minilm: Embedder) -> None:
         np.testing.assert_allclose([h.score for h in answer.hits], [s for _, s in expected], atol=1e-5)
 
 
+@pytest.mark.parametrize(("n", "step"), [(1, 512), (37, 512), (101, 7)])
+def test_index_vectors_equal_lines_embedded_alone(
+    n: int, step: int, minilm: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index embeds a memory longest first, in steps, in padded batches: each row is still
+    its own item's line embedded alone (no padding, no neighbours), to float rounding."""
+    monkeypatch.setattr(embedding, "_EMBED_STEP", step)
+    model = minilm.inner  # type: ignore[attr-defined]  # the model itself, past the process's memo
+    rng = random.Random(n)
+    words = "the a red cat sat on mat keys drawer kitchen Anna Ben pasta rain window !".split()
+    items = [Item(" ".join(rng.choices(words, k=rng.choice([1, 2, 5, 9, 23, 61])))) for _ in range(n)]
+    memory = open_memory(f"alone{n}", create=True)
+    memory.write(items)
+    reader = EmbeddingReader(memory, embedder=model)
+    reader.prepare()
+    vectors = reader.index.vectors()
+    assert [i.text for i in vectors.items] == [i.text for i in items]  # rows in the items' order
+    alone = np.stack([model.embed([i.text])[0] for i in items])
+    np.testing.assert_allclose(vectors.matrix(), alone, atol=1e-5, rtol=0)
+    # ... and the same vectors as one call in the given order, as the index once made them
+    np.testing.assert_allclose(vectors.matrix(), model.embed([i.text for i in items]), atol=1e-5, rtol=0)
+
+
+def test_a_memorys_embedding_shows_one_labelled_progress(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One task over every line, stepped per saved step (off a terminal: log lines), not a bar
+    per embedder call."""
+    monkeypatch.setattr(embedding, "_EMBED_STEP", 5)
+    monkeypatch.setattr(progress, "QUIET_S", 0.0)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    monkeypatch.setitem(progress._settings, "log_lines", True)
+    counter = CountingEmbedder(HashEmbedder(64))
+    memory = open_memory("progress", create=True)
+    memory.write([Item(f"line number {i} " + "word " * (i % 4)) for i in range(23)])
+    memory.rank("line", backend="embedding", embedder=counter)
+    lines = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("embedding 23 lines (hash:64): ") for line in lines)
+    assert [line.split(": ")[1].split()[0] for line in lines] == ["5/23", "10/23", "15/23", "20/23", "23/23"]
+    assert len(counter.embedded) == 24  # 23 lines, then the query
+
+
+def test_sentence_transformer_threads_follow_linmem_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LINMEM_THREADS", "1")
+    try:
+        SentenceTransformerEmbedder()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rank_breaks_ties_by_lower_clip_id() -> None:
     memory = open_memory("ties", create=True)
     memory.write([Item("same words here", clip=7), Item("same words here", clip=2), Item("other", clip=0)])
@@ -232,7 +288,8 @@ def test_a_write_embeds_only_the_new_items() -> None:
     counter = CountingEmbedder(HashEmbedder(128))
     memory = household()
     memory.ask("keys", backend="embedding", embedder=counter)
-    assert counter.embedded == [i.text for i in HOUSEHOLD] + ["keys"]
+    # The memory's lines go longest first (a padded batch then pads little), then the query.
+    assert counter.embedded == sorted((i.text for i in HOUSEHOLD), key=len, reverse=True) + ["keys"]
     counter.embedded.clear()
     new = [Item("Dan repairs the leaking bathroom tap.", clip=6), Item("He dries the floor.", clip=6)]
     memory.write(new)  # the live reader embeds them now

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -97,7 +103,7 @@ def test_scores_match_a_direct_computation(tmp_path: Path, locomo_file: Path) ->
         ),
         (
             lambda t: t.replace('embedder = "hash"', 'embedder = "hash"\nbatch = 3'),
-            r"systems\[0\]: unknown key 'batch'",
+            r"systems\.0: unknown key 'batch'",
         ),
         (
             lambda t: t.replace('mode = "retrieval"', 'mode = "retrieval"\nshuffle = true'),
@@ -297,10 +303,11 @@ max_new_tokens = 16
         ]
     )
     result = json.loads(capsys.readouterr().out)
-    assert code == 0 and result["written"] == 2 * 2 * 2 and result["failed"] == 0
+    # --limit 2: the task's first two examples (both of context 4), for each system.
+    assert code == 0 and result["written"] == 2 * 2 and result["failed"] == 0
     report = (out / "report.md").read_text()
     assert "| Context | LoCoMo Embed. | LoCoMo LM |" in report
-    assert "| 4 |" in report and "| 8 |" in report
+    assert "| 4 |" in report and "| 8 |" not in report
     assert (out / "accuracy_vs_context.png").stat().st_size > 1000
     assert main(["eval", str(path), "--set", "nonsense", "--json"]) == 1
     assert "expected dotted.key=value" in capsys.readouterr().out
@@ -336,3 +343,207 @@ embedder = "hash"
     with pytest.raises(BadInput, match=r"kitchen_00.pkl.*refused to load (os|posix)\.system"):
         run_eval(load_config(write_config(tmp_path, text)), out=out)
     assert not (out / RESULTS).exists() and not marker.exists()
+
+
+# --- interrupts ----------------------------------------------------------------------------------
+
+NIAH = """
+title = "niah"
+table = "scalability"
+[[tasks]]
+name = "niah"
+base = "locomo"
+path = "{path}"
+budgets = [32000, 48000, 64000]
+per_budget = 20
+chars_per_token = 1.0
+[[systems]]
+name = "Kimi"
+model = "openai:http://127.0.0.1:9/v1#kimi"
+max_new_tokens = 4
+"""
+
+
+def start_eval(*args: str) -> subprocess.Popen[str]:
+    """`linmem eval ARGS` in a child process, as a shell's foreground job: SIGINT raises
+    KeyboardInterrupt there (a background job of a script would inherit it ignored)."""
+    start = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from linmem.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", start, "eval", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def interrupt_after_results(proc: subprocess.Popen[str], out: Path, timeout: float = 180) -> float:
+    """SIGINT `proc` once its first result is in the journal; the seconds it took to exit."""
+    deadline = time.monotonic() + timeout
+    while not ((out / RESULTS).is_file() and (out / RESULTS).read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no result came"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    proc.wait(timeout=60)
+    return time.monotonic() - sent
+
+
+def test_interrupt_stops_keeps_results_and_resumes(tmp_path: Path, capsys) -> None:
+    """Ctrl-C on a local model's run (each example a prefill of thousands of tokens) stops it at
+    once: exit 130, whole journal lines, a partial report; the rerun goes on from there."""
+    path = write_config(tmp_path, NIAH.format(path=locomo(tmp_path / "locomo.json", conversations=6)))
+    out = tmp_path / "out"
+    proc = start_eval(str(path), "--offline", "--out", str(out))
+    took = interrupt_after_results(proc, out)
+    _, err = proc.communicate()
+    assert proc.returncode == 130, err
+    assert took < 10, f"took {took:.1f} s to stop"
+    kept = lines(out)  # every line parses: nothing torn
+    total = 3 * 20
+    assert 1 <= len(kept) < total
+    report = (out / "report.md").read_text()
+    assert f"Interrupted: {len(kept)} of" in report and "rerun to resume" in report
+    assert "interrupted" in err
+    code = main(["eval", str(path), "--offline", "--out", str(out), "--limit", str(len(kept) + 1), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and (result["skipped"], result["written"]) == (len(kept), 1)
+    assert "Interrupted" not in (out / "report.md").read_text()
+
+
+def test_interrupt_leaves_remote_reads_behind(tmp_path: Path) -> None:
+    """With remote models the run reads in threads; Ctrl-C while reads are in flight (here, held
+    by the server) exits within seconds instead of waiting for them."""
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow(body: dict) -> dict:
+        calls.append(1)
+        if len(calls) > 2:
+            release.wait(60)
+        return {"content": "I do not know."}
+
+    with OpenAIServer(chat=slow) as server:
+        text = f"""
+title = "qa"
+table = "locomo_qa"
+[[tasks]]
+name = "locomo"
+path = "{locomo(tmp_path / "locomo.json")}"
+[[systems]]
+name = "LM"
+model = "openai:{server.url}#memory"
+[run]
+concurrency = 4
+batch = 1
+"""
+        out = tmp_path / "out"
+        proc = start_eval(str(write_config(tmp_path, text)), "--out", str(out))
+        try:
+            took = interrupt_after_results(proc, out)
+            _, err = proc.communicate()
+        finally:
+            release.set()
+    assert proc.returncode == 130, err
+    assert took < 10, f"took {took:.1f} s to stop"
+    assert 1 <= len(lines(out)) <= 2 and "Interrupted" in (out / "report.md").read_text()
+
+
+# --- config values and paths ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            "systems.5.model=tiny:qwen3",
+            r"--set systems.5.model: systems is a list of 1 entries, .* found '5'",
+        ),
+        ("systems.x.name=a", r"expected an index from 0 to 0, found 'x'"),
+        ("run.k=5", r"run.k must be a non-empty list of positive integers, e.g. \[1, 5, 10\], found 5"),
+        ("run.batch=0", r"run.batch must be a positive integer, found 0"),
+        ('systems.0.top_k="3"', r"systems.0.top_k must be a positive integer, found '3'"),
+        ("systems.0.stateless=yes", r"systems.0.stateless must be true or false, found 'yes'"),
+        ("agent.rounds=-1", r"agent.rounds must be a positive integer, found -1"),
+        ("title.x=1", r"--set title.x: title is the value 'retrieval', expected a table or a list"),
+        ("run=3", r"run must be a table, found 3"),
+    ],
+)
+def test_bad_overrides_fail_before_any_work(
+    tmp_path: Path, locomo_file: Path, capsys, setting, message
+) -> None:
+    path = write_config(tmp_path, RETRIEVAL.format(path=locomo_file))
+    out = tmp_path / "out"
+    assert main(["eval", str(path), "--set", setting, "--out", str(out), "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["code"] == "bad_input" and re.search(message, error["message"]), error
+    assert not out.exists()
+
+
+def test_limit_must_be_positive(tmp_path: Path, locomo_file: Path, capsys) -> None:
+    path = write_config(tmp_path, RETRIEVAL.format(path=locomo_file))
+    assert main(["eval", str(path), "--limit", "0", "--out", str(tmp_path / "out"), "--json"]) == 1
+    assert "--limit must be a positive integer, found 0" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_relative_paths_from_the_shell_resolve_against_the_working_directory(
+    tmp_path: Path, monkeypatch
+) -> None:
+    configs, work = tmp_path / "configs", tmp_path / "work"
+    configs.mkdir(), work.mkdir()
+    path = write_config(configs, RETRIEVAL.format(path="${LINMEM_DATA}/locomo.json"))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LINMEM_DATA", "../data")
+    assert load_config(path).tasks[0].options["path"] == str(tmp_path / "data" / "locomo.json")
+    # --set values are typed in the shell too; a path written in the file is the file's own.
+    config = load_config(path, ["tasks.0.path=mine/locomo.json"])
+    assert config.tasks[0].options["path"] == str(work / "mine" / "locomo.json")
+    path.write_text(RETRIEVAL.format(path="data/locomo.json"))
+    assert load_config(path).tasks[0].options["path"] == str(configs / "data" / "locomo.json")
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(
+    tmp_path: Path, locomo_file: Path, capsys, monkeypatch
+) -> None:
+    from linmem import progress
+
+    monkeypatch.setattr(progress, "QUIET_S", 0.0)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # one line a result, not one each 30 s
+    path = write_config(tmp_path, RETRIEVAL.format(path=locomo_file))
+    assert main(["eval", str(path), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^eval: 21/21 results \(100%\)", err, re.MULTILINE), err
+
+
+def test_latency_plot_points_for_agents_that_never_read(tmp_path: Path, locomo_file: Path) -> None:
+    """A controller that answers at once leaves `tokens.memory` null: the latency plot takes
+    each memory's size from its build, and puts each memory's first read apart."""
+    from linmem.evals.report import latency_points
+    from linmem.evals.run import load_prefills
+
+    text = f"""
+title = "qa"
+table = "locomo_qa"
+[[tasks]]
+name = "locomo"
+path = "{locomo_file}"
+[[systems]]
+name = "hash"
+backend = "embedding"
+embedder = "hash"
+[agent]
+controller = "openai:{{url}}#controller"
+"""
+    with OpenAIServer(chat=lambda body: {"content": "Action: [Answer]\nContent: Lisbon"}) as server:
+        out = tmp_path / "out"
+        run_eval(load_config(write_config(tmp_path, text.replace("{url}", server.url))), out=out)
+    records = lines(out)
+    assert all(r["tokens"]["memory"] is None for r in records)
+    cold, warm = latency_points(records, load_prefills(out))["hash"]
+    assert len(cold) == 3 and len(cold) + len(warm) == len(records)  # one first read per conversation
+    sizes = {p["source"]: p["tokens"] for p in load_prefills(out)}
+    assert sorted(x for x, _ in cold) == sorted(sizes.values())

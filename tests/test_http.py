@@ -6,7 +6,13 @@ The limits are set small here (a 64 KiB body, a 1 KiB item) so the 413 cases sta
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -389,6 +395,31 @@ def test_agent_with_a_scripted_controller(
     )
 
 
+@pytest.mark.parametrize("route", ["ask", "rank", "agent"])
+def test_every_read_route_takes_query_or_question(client: httpx.Client, house: str, route: str) -> None:
+    path = f"/v1/memories/{house}/{route}"
+    extra = {**HASH, "policy": "single-shot"} if route == "agent" else HASH
+    q = "Where is the red mug?"
+    answers = []
+    for asked in ({"query": q}, {"question": q}, {"query": q, "question": q}):
+        resp = client.post(path, json={**asked, **extra})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        answers.append((body["answer"], body.get("clips"), [t["content"] for t in body.get("turns", [])]))
+    assert answers[0][0] and answers[0] == answers[1] == answers[2]
+    differ = client.post(path, json={"query": q, "question": "Who reads?", **extra})
+    assert "query and question differ" in error(differ, 422, "validation")
+    assert "query (or question) is required" in error(client.post(path, json=extra), 422, "validation")
+    error(client.post(path, json={"question": "", **extra}), 422, "validation")
+
+
+def test_openapi_shows_both_names_of_the_question(client: httpx.Client) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for model in ("AskRequest", "RankRequest", "AgentRequest"):
+        assert {"query", "question"} <= set(schemas[model]["properties"]), model
+        assert "query" not in schemas[model].get("required", []), model
+
+
 # Errors and the spec
 
 
@@ -436,6 +467,46 @@ def test_an_internal_error_hides_its_details(tmp_path: Path) -> None:
         resp = test.get("/v1/memories")
     assert "secret" not in resp.text
     error(resp, 500, "internal")
+
+
+def test_error_messages_show_no_server_path(
+    api: Api, client: httpx.Client, house: str, tmp_path: Path, *,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A client learns what went wrong, never where the server keeps its files; the server's log
+    keeps the whole message."""
+    model = tmp_path / "private" / "not-a-model"
+    model.mkdir(parents=True)
+    monkeypatch.setattr(api.service, "allowed", Allowed.of(more_models=[f"hf:{model}"]))
+    broken = api.home / "broken-log"
+    broken.mkdir()
+    (broken / "log.sqlite").write_bytes(b"not a database " * 100)
+    caplog.set_level(logging.WARNING, logger="linmem")
+    try:
+        missing = error(
+            client.post("/v1/memories/nobody/ask", json={"query": "q", **HASH}), 404, "no_such_memory"
+        )
+        unloadable = error(
+            client.post(f"/v1/memories/{house}/ask", json={"query": "q", "model": f"hf:{model}"}),
+            503,
+            "model_unavailable",
+        )
+        damaged = error(client.get("/v1/memories/broken-log"), 500, "corrupt_memory")
+        listed = client.get("/v1/memories").json()["memories"]
+    finally:
+        (broken / "log.sqlite").unlink()
+        broken.rmdir()
+    (summary,) = [m for m in listed if m["name"] == "broken-log"]
+    messages = [missing, unloadable, damaged, summary["error"]["message"]]
+    for message in messages:
+        assert str(api.home) not in message and str(tmp_path) not in message, message
+        assert not re.search(r"(^|[\s'(])/(tmp|home|srv|root|var)\b", message), message
+    assert missing.startswith("no memory named 'nobody' in <home>")
+    assert "<path>" in unloadable and "config.json" in unloadable
+    assert damaged.startswith("<home>/broken-log/log.sqlite:") and damaged == summary["error"]["message"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"no memory named 'nobody' in {api.home}" in logged
+    assert str(model) in logged and str(broken / "log.sqlite") in logged
 
 
 def test_openapi_lists_the_routes_tagged(client: httpx.Client) -> None:
@@ -585,3 +656,77 @@ def test_a_write_never_waits_behind_slow_reads(
             for f in reads:
                 f.result()
     assert done[0] == "write"
+
+
+# The server process
+
+
+class ServeProcess:
+    """`linmem serve` in a process of its own, its stderr collected line by line as it comes."""
+
+    def __init__(self, *args: str) -> None:
+        argv = [sys.executable, "-m", "linmem", "serve", *args]
+        env = {k: v for k, v in os.environ.items() if k != "LINMEM_API_KEY"}
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        assert self.proc.stderr is not None
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr or ()), daemon=True).start()
+
+    def banner(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while not any(line.startswith("linmem serve: ") for line in self.lines):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.lines)[-3000:]
+            time.sleep(0.05)
+        return next(line for line in self.lines if line.startswith("linmem serve: "))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def test_serve_says_where_it_listens_and_stops_within_seconds(tmp_path: Path) -> None:
+    """The newcomer's first run: the banner names the URL (a free port for --port 0), the home
+    and the auth mode; Ctrl+C then ends the process within seconds, even with a keep-alive
+    connection open and a read still waiting on a slow model."""
+    home = tmp_path / "home"
+    with OpenAIServer(delay_s=60) as slow:
+        spec = f"openai:{slow.url}#{slow.model}"
+        server = ServeProcess("--home", str(home), "--port", "0", "--allow-model", spec)
+        try:
+            banner = server.banner()
+            found = re.search(r"http://127\.0\.0\.1:(\d+) ", banner)
+            assert found and int(found.group(1)) > 0, banner
+            assert f"home {home};" in banner and "auth: none" in banner, banner
+            url = found.group(0).strip()
+            with httpx.Client(base_url=url, timeout=120) as http:  # its connection is kept alive
+                assert http.post("/v1/memories", json={"name": "m"}).status_code == 201
+                items = [{"text": t, "clip": i} for i, t in enumerate(CLIPS)]
+                assert http.post("/v1/memories/m/items", json={"items": items}).status_code == 200
+                assert http.post("/v1/memories/m/ask", json={"question": "mug?", **HASH}).status_code == 200
+                outcome: list[Any] = []
+
+                def read() -> None:
+                    try:
+                        outcome.append(
+                            httpx.post(f"{url}/v1/memories/m/ask", json={"query": "q", "model": spec})
+                        )
+                    except httpx.HTTPError as e:
+                        outcome.append(e)
+
+                reader = threading.Thread(target=read, daemon=True)
+                reader.start()
+                deadline = time.monotonic() + 60
+                while not any(path.endswith("/chat/completions") for path, _ in slow.requests):
+                    assert time.monotonic() < deadline, "the slow read never reached the model"
+                    time.sleep(0.02)
+                started = time.monotonic()
+                server.proc.send_signal(signal.SIGINT)
+                status = server.proc.wait(timeout=30)
+                stopped_in = time.monotonic() - started
+        finally:
+            server.close()
+    assert status == 0 and stopped_in < 5, (status, stopped_in, "".join(server.lines)[-3000:])
+    reader.join(10)
+    assert outcome and not (isinstance(outcome[0], httpx.Response) and outcome[0].status_code == 200)
+    assert (home / "m" / "log.sqlite").is_file()

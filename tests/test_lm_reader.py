@@ -59,6 +59,15 @@ def test_memory_longer_than_context_stops_before_any_work() -> None:
     assert not (mem.cache_dir / "state").exists() or not any((mem.cache_dir / "state").iterdir())
 
 
+def test_window_without_room_for_memory_says_how_much_is_needed() -> None:
+    mem = household()
+    reader = mem.reader("lm", model="tiny:qwen3.5", context_length=100, max_new_tokens=16, overflow="window")
+    with pytest.raises(
+        ContextOverflow, match=r"a window holds no memory: .* raise --context-length to at least \d+"
+    ):
+        reader.read("Where are the keys?")
+
+
 def test_windowed_read_covers_every_item_once() -> None:
     mem = household(repeat=6)
     reader = mem.reader("lm", model="tiny:qwen3.5", context_length=1500, max_new_tokens=16, overflow="window")
@@ -68,14 +77,17 @@ def test_windowed_read_covers_every_item_once() -> None:
     assert n_windows >= 2
     segments = render.segments(mem.items())
     prompt = prompts.read_prompt(segments, "Where are the keys?")
-    windows = reader._pack_windows(prompt, 16)
+    windows, memory_tokens = reader._pack_windows(prompt, 16)
     assert len(windows) == n_windows
     assert windows[0][0] == 0 and windows[-1][1] == len(segments)
     assert all(a[1] == b[0] for a, b in zip(windows, windows[1:], strict=False))
     for lo, hi in windows:
         part = prompts.read_prompt(segments[lo:hi], "Where are the keys?")
         assert reader.engine.count_tokens(part) + 16 <= 1500
-    # Every window plus the combining call ran through the model.
+    # The memory is counted once, as a whole read counts it; every window plus the combining call
+    # ran through the model.
+    head, segs = reader.engine.memory_ids(prompt)
+    assert answer.tokens.memory == memory_tokens == len(head) + sum(len(s) for s in segs)
     assert answer.tokens.processed > answer.tokens.memory
     ranked = reader.rank("keys", 4)
     assert len(ranked.clips) <= 4

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -187,6 +189,43 @@ def test_http_session_with_token(http_server: tuple[str, str]) -> None:
                 await exercise(client)
 
     anyio.run(main)
+
+
+def test_http_says_where_it_listens_and_stops_at_once(tmp_path: Path) -> None:
+    """`linmem mcp --transport http` prints its URL (a free port for --port 0), home and auth
+    mode; a session's errors name no server path; SIGINT ends the process within seconds."""
+    home = tmp_path / "home"
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    argv = [sys.executable, "-m", "linmem", "mcp", "--transport", "http", "--port", "0"]
+    argv += ["--home", str(home), "--token-file", str(token_file)]
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | SERVER_ENV
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        banner = proc.stderr.readline()  # the SDK logs only warnings: the banner comes first
+        found = re.match(r"linmem mcp: (http://127\.0\.0\.1:(\d+)/mcp) ", banner)
+        assert found and int(found.group(2)) > 0, banner + proc.stderr.read()
+        assert f"home {home};" in banner and "token required" in banner, banner
+
+        async def main() -> None:
+            headers = {"Authorization": "Bearer s3cret-token"}
+            async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http:
+                async with Client(streamable_http_client(found.group(1), http_client=http)) as client:
+                    await call(client, "memory_write", memory="robot", items=ITEMS)
+                    missing = await error_text(client, "memory_query", memory="nowhere", question="Hi?")
+                    assert "no_such_memory" in missing and "<home>" in missing and str(home) not in missing
+                    proc.send_signal(signal.SIGINT)  # with the session still open
+                    started = time.monotonic()
+                    while proc.poll() is None and time.monotonic() - started < 30:
+                        await anyio.sleep(0.05)
+                    assert proc.poll() == 0 and time.monotonic() - started < 5, proc.poll()
+
+        anyio.run(main)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def test_client_config_is_the_readme_snippet() -> None:

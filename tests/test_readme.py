@@ -20,7 +20,10 @@ def _block_after(marker: str) -> str:
 def test_quickstart_runs_and_is_short(linmem_home) -> None:
     code = _block_after("<!-- quickstart")
     assert len([line for line in code.splitlines() if line.strip()]) <= 10
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = done.stdout
+    # transformers' notices about the GPU kernel packages linmem hides on the CPU are dropped.
+    assert "falling back to its reference" not in done.stderr, done.stderr
     search, first, second = out.splitlines()[:3]
     assert search == "('Alice puts the red mug in the left cupboard.',)"  # hybrid search, verbatim
     assert first.startswith("(0")  # the mug's clip ranks first

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from linmem.errors import BadName, NoSuchMemory
 from linmem.service import Conflict, Service
+from linmem.service.core import redact
 from linmem.state import RAM, set_ram_budget
 from linmem.types import Item
 
@@ -226,3 +231,55 @@ def test_an_evicted_reader_is_freed(service: Service) -> None:
         service.ask("m", "keys", backend="embedding", embedder="hash:64", threshold=i / 100)
     gc.collect()
     assert first() is None
+
+
+def test_redact_hides_the_home_and_absolute_paths_only() -> None:
+    home = Path("/srv/linmem-home")
+    cases = [
+        (
+            "no memory named 'x' in /srv/linmem-home (existing: a)",
+            "no memory named 'x' in <home> (existing: a)",
+        ),
+        ("/srv/linmem-home/robot/log.sqlite: damaged", "<home>/robot/log.sqlite: damaged"),
+        ("cannot write /srv/linmem-home.", "cannot write <home>."),
+        ("/srv/linmem-home-old/x is gone", "<path> is gone"),  # another folder, not the home
+        ("'hf:/models/private/qwen' has no config.json", "'hf:<path>' has no config.json"),
+        ("No space left on device: '/var/tmp/x.tmp'", "No space left on device: '<path>'"),
+        ("read /etc/passwd.", "read <path>."),
+        # Left alone: URLs, model names, relative paths, a slash between words.
+        ("openai:http://127.0.0.1:9/v1#m answered 400", "openai:http://127.0.0.1:9/v1#m answered 400"),
+        ("hf:Qwen/Qwen3.5-0.8B, a/b and either / or", "hf:Qwen/Qwen3.5-0.8B, a/b and either / or"),
+    ]
+    for message, shown in cases:
+        assert redact(message, home) == shown, message
+
+
+@pytest.mark.parametrize(
+    ("argv", "module"),
+    [
+        (["serve", "--port", "0"], "fastapi"),
+        (["serve", "--port", "0"], "uvicorn"),
+        (["mcp"], "mcp"),
+        (["mcp", "--transport", "http", "--port", "0"], "uvicorn"),
+    ],
+)
+def test_a_server_without_the_serve_extra_says_what_to_install(
+    tmp_path: Path, argv: list[str], module: str
+) -> None:
+    """As on a machine without `linmem[serve]`: the module is made unimportable before the CLI runs."""
+    home = tmp_path / "home"
+    code = (
+        "import sys\n"
+        f"sys.modules[{module!r}] = None\n"  # `import` then raises ModuleNotFoundError
+        "from linmem.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))"
+    )
+    for extra in ([], ["--json"]):
+        command = [sys.executable, "-c", code, *argv, "--home", str(home), *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        error = json.loads(done.stdout)["error"] if extra else {"message": done.stderr}
+        assert f"linmem {argv[0]} needs the serve extra" in error["message"], error
+        assert "pip install 'linmem[serve]'" in error["message"] and repr(module) in error["message"]
+        assert error.get("code", "missing_extra") == "missing_extra"
+        assert not home.exists()  # refused before anything was opened

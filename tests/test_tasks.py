@@ -844,3 +844,17 @@ def test_real_data_counts() -> None:
     assert Counter(e.meta["category"] for e in locomo) == {4: 563, 5: 312, 2: 214, 1: 192, 3: 66}
     assert sum(e.meta["bad_evidence"] for e in locomo) == 2
     assert len(load_task("locomo", path=str(data / "locomo" / "locomo-dev.json"), mode="retrieval")) == 1345
+
+
+def test_stand_in_graphs_load_as_m3agent_graphs(tmp_path: Path) -> None:
+    """`linmem eval --offline`'s stand-in memory graphs are M3-Agent pickles: the restricted
+    loader reads them, with the face and the voice one character, and no module is left behind."""
+    from linmem.evals.standin import graphs
+
+    graphs(tmp_path, videos=1, clips=3)
+    assert "mmagent" not in sys.modules and "mmagent.videograph" not in sys.modules
+    lines = graph_clip_lines(load_graph(tmp_path / "kitchen_00.pkl"))
+    assert sorted(lines) == [0, 1, 2]
+    assert lines[0] == [
+        ("episodic", "<character_0> puts the red mug in the left cupboard of the kitchen. (video 0, part 0)")
+    ]

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from . import prompts
+from . import progress, prompts
 from .engines import load_engine
 from .errors import BadInput
 from .readers.base import Reader
@@ -100,10 +100,12 @@ class Trace:
     """One question's run: the answer (None: the controller never answered), the dialogue, and its
     costs.
 
-    `rounds` counts controller replies and `searches` the search results appended (empty searches
-    included). `controller_tokens` and `reader_tokens` sum the turns' tokens (the controller's
-    prompt tokens are `processed + cached`, its completion tokens `generated`); `controller_s` and
-    `reader_s` sum the turns' seconds, and `total_s` is the whole run.
+    `rounds` counts controller replies and `searches` the reads of the memory: a reply with no
+    query (malformed, or an empty Content line) gets M3-Agent's empty result and reads nothing.
+    `reader` names the reader the controller searches. `controller_tokens` and `reader_tokens` sum
+    the turns' tokens (the controller's prompt tokens are `processed + cached`, its completion
+    tokens `generated`); `controller_s` and `reader_s` sum the turns' seconds, and `total_s` is the
+    whole run.
     """
 
     question: str
@@ -179,13 +181,15 @@ class Agent:
 
     def _m3(self, d: _Dialogue) -> str | None:
         d.turns += [Turn("system", prompts.m3_system(d.question)), Turn("user", prompts.M3_KNOWLEDGE + "{}")]
-        for r in range(self.rounds):
-            last_round = r == self.rounds - 1
-            action, content = self._reply(d, last_round)
-            if action == "answer":
-                return content
-            if not last_round:
-                self._search(d, content)
+        with progress.task("agent", self.rounds, "round") as task:
+            for r in range(self.rounds):
+                last_round = r == self.rounds - 1
+                action, content = self._reply(d, last_round)
+                if action == "answer":
+                    return content
+                task.step(note=f"searched {content!r}" if content else f"reply {r + 1}: {action}")
+                if not last_round:
+                    self._search(d, content)
         return None
 
     def _single_shot(self, d: _Dialogue) -> str | None:
@@ -285,15 +289,16 @@ class _Dialogue:
     def trace(self, answer: str | None, agent: Agent, total_s: float) -> Trace:
         asked = [t for t in self.turns if t.role == "assistant"]
         searches = [self.turns[i] for i in self.search_at]
+        read = [t for t in searches if t.query is not None]
         return Trace(
             question=self.question,
             answer=answer,
             policy=agent.policy,
             rounds=len(asked),
-            searches=len(searches),
+            searches=len(read),
             turns=tuple(self.turns),
             controller=agent.engine.id if agent.engine is not None else None,
-            reader=self.reader_model,
+            reader=self.reader_model or getattr(agent.reader, "model_id", None),
             controller_tokens=_total(t.tokens for t in asked),
             reader_tokens=_total(t.tokens for t in searches),
             total_s=total_s,

@@ -16,7 +16,12 @@ Sections, each a table (and the whole run one JSON line at the end):
 - kernels: the delta-rule kernels against transformers' references and the matmul roofline.
 
 Random weights: speed and memory do not depend on the values. `--quick` keeps to 1k and 4k
-tokens. `--endpoint URL#MODEL` instead times reads against a live OpenAI-compatible server.
+tokens. `--targets` adds the project's own targets, each met or not. `--endpoint URL#MODEL`
+instead times reads against a live OpenAI-compatible server. `--embedding` instead times the
+first embedding of a memory of 20,000 lines, and what its speed depends on.
+
+Every run checks the machine's load before and after (the load average and a small matmul's
+timing spread), warns when other work shares the cores, and puts both checks in its JSON.
 """
 
 from __future__ import annotations
@@ -73,12 +78,16 @@ def run_bench(
     quick: bool = False,
     out: Path | None = None,
     endpoint: str | None = None,
+    with_targets: bool = False,
     echo: bool = True,
 ) -> dict[str, Any]:
     import torch
 
     say: Callable[[str], None] = print if echo else (lambda _m: None)
     result: dict[str, Any] = {"bench": "linmem", "quick": quick, "machine": _machine(torch)}
+    threads = result["machine"]["threads"]
+    result["load"] = {"before": load_check(threads)}
+    _warn_if_busy(result["load"]["before"], "before", say)
     if endpoint:
         result["endpoint"] = endpoint_bench(endpoint, QUICK_LENGTHS if quick else LENGTHS, say)
     else:
@@ -88,7 +97,10 @@ def run_bench(
         result["budget"] = _budget()
         result["rss"] = _rss((1024, 4096) if quick else (4096, 65536))
         result["kernels"] = _kernels(quick)
-        result["targets"] = targets(result)
+        if with_targets:
+            result["targets"] = targets(result)
+    _finish_load(result, threads, say)
+    if not endpoint:
         _print_tables(result, say)
         if out is not None:
             result["plots"] = [str(p) for p in _plots(result, out)]
@@ -98,6 +110,10 @@ def run_bench(
 
 
 def _machine(torch: Any) -> dict[str, Any]:
+    from .engines.base import threads
+
+    # The engines and the embedder set this too: stated and set once, before anything is timed.
+    torch.set_num_threads(threads())
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
@@ -105,6 +121,74 @@ def _machine(torch: Any) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
+
+
+# The machine's load
+
+# A probe is "noisy" when its slower runs take this much longer than its fastest (30 runs of a
+# 0.3-GFLOP matmul, 90th percentile over the fastest). Measured on 2 cores: 2.2 to 11.7 with
+# other work running on them.
+NOISY_SPREAD = 1.5
+# Load an idle machine's own chores add (the 1-minute load average counts every runnable task).
+IDLE_LOAD = 0.5
+
+
+def load_check(threads: int) -> dict[str, Any]:
+    """The machine's load now: the 1-minute load average, and the spread of a small matmul's
+    timings on `threads` threads (`busy` reads them)."""
+    import torch
+
+    a, b = torch.randn(256, 384), torch.randn(384, 1536)
+    times = []
+    for i in range(33):
+        t0 = time.perf_counter()
+        a @ b
+        if i >= 3:  # warm-up runs first
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    spread = times[int(0.9 * len(times))] / times[0]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "load_1m": None if load is None else round(load, 2),
+        "cores": os.cpu_count() or 1,
+        "threads": threads,
+        "probe_spread": round(spread, 2),
+    }
+
+
+def busy(
+    load_1m: float | None, cores: int, threads: int, spread: float | None = None, own: float = 0.0
+) -> str | None:
+    """Why timings taken now are unreliable, or None: other work (the load average less `own`,
+    this process's share of it, and less IDLE_LOAD) leaves fewer free cores than the `threads`
+    timed, or a probe's timings spread more than NOISY_SPREAD. Sharing a core costs far more
+    than its share: each multi-threaded op waits for its slowest thread."""
+    reasons = []
+    if load_1m is not None and max(0.0, load_1m - own) + threads > cores + IDLE_LOAD:
+        reasons.append(f"load average {load_1m:.2f} on {cores} cores, {threads} thread(s) timed")
+    if spread is not None and spread > NOISY_SPREAD:
+        reasons.append(f"a small matmul's time varied {spread:.1f}x between runs")
+    return "; ".join(reasons) or None
+
+
+def _busy(check: dict[str, Any], own: float = 0.0) -> str | None:
+    return busy(check["load_1m"], check["cores"], check["threads"], check["probe_spread"], own)
+
+
+def _warn_if_busy(check: dict[str, Any], when: str, say: Callable[[str], None]) -> None:
+    reason = _busy(check)
+    if reason:
+        say(f"WARNING: this machine is busy {when} the benchmark ({reason}): its figures are unreliable")
+
+
+def _finish_load(result: dict[str, Any], threads: int, say: Callable[[str], None]) -> None:
+    """The load after the run, less the run's own threads, and one verdict (printed last)."""
+    load = result["load"]
+    load["after"] = load_check(threads)
+    found = (("before", _busy(load["before"])), ("after", _busy(load["after"], own=threads)))
+    reasons = [f"{when}: {reason}" for when, reason in found if reason]
+    load["busy"] = bool(reasons)
+    load["warning"] = "; ".join(reasons) or None
 
 
 # Reads and appends
@@ -177,7 +261,9 @@ def _ttft(answer: Any) -> float:
 def _one_memory(memory: Memory, arch: str, spec: str, rng: random.Random) -> tuple[dict, dict, dict]:
     cached = memory.reader("lm", model=spec, max_new_tokens=8)
     stateless = memory.reader("lm", model=spec, max_new_tokens=8, stateless=True)
-    for q in QUESTIONS:  # build the snapshot and every kind's state once
+    # The first read builds the snapshot (cold); the rest build every kind's state once.
+    cold = _ttft(cached.read(QUESTIONS[0]))
+    for q in QUESTIONS[1:]:
         cached.read(q)
     t_cached, a_cached = _median_of(cached.read, 5)
     full_cached = statistics.median(cached.read(q).timings.total_s for q in QUESTIONS[:3])
@@ -190,6 +276,7 @@ def _one_memory(memory: Memory, arch: str, spec: str, rng: random.Random) -> tup
         "query_tokens": a_cached.tokens.processed,
         "stateless_ttft_s": round(t_full, 5),
         "cached_ttft_s": round(t_cached, 5),
+        "first_read_ttft_s": round(cold, 5),
         "speedup": round(t_full / t_cached, 1) if exact else None,
         "cached_read_s": round(full_cached, 5),
         "exact": exact,
@@ -483,8 +570,11 @@ def _print_tables(r: dict[str, Any], say: Callable[[str], None]) -> None:
                 for name, x in (("GDN", k["gdn"]), ("KDA", k["kda"]))
             ],
         ))  # fmt: skip
-    say("\ntargets")
-    say(_table(["target", "value", "met"], [[t, v["value"], v["met"]] for t, v in r["targets"].items()]))
+    if "targets" in r:
+        say("\ntargets (the project's own)")
+        say(_table(["target", "value", "met"], [[t, v["value"], v["met"]] for t, v in r["targets"].items()]))
+    if r["load"]["busy"]:
+        say(f"\nWARNING: figures measured on a busy machine ({r['load']['warning']}): unreliable")
 
 
 def _round(x: float | None, digits: int) -> float | None:
@@ -516,11 +606,16 @@ def _plots(r: dict[str, Any], out: Path) -> list[Path]:
     for arch in ARCHS:
         rows = [x for x in r["reads"] if x["arch"] == arch]
         xs = [x["memory_tokens"] for x in rows]
-        ax.plot(xs, [x["stateless_ttft_s"] for x in rows], "--o", label=f"{arch} stateless re-read")
-        ax.plot(xs, [x["cached_ttft_s"] for x in rows], "-o", label=f"{arch} snapshot")
+        line = ax.plot(xs, [x["cached_ttft_s"] for x in rows], "-o", label=f"{arch} snapshot, warm read")
+        # The cold read builds the snapshot first: what a memory's first question costs.
+        ax.plot(xs, [x.get("first_read_ttft_s") for x in rows], ":^", color=line[0].get_color(),
+                mfc="none", label=f"{arch} snapshot, first read (builds it)")  # fmt: skip
+        ax.plot(xs, [x["stateless_ttft_s"] for x in rows], "--o", color=line[0].get_color(), alpha=0.6,
+                label=f"{arch} stateless re-read")  # fmt: skip
     emb = [x for x in r["reads"] if x["arch"] == "embedding"]
     ax.plot([x["target_tokens"] for x in emb], [x["read_s"] for x in emb], ":s", label="embedding reader")
     ax.set(xscale="log", yscale="log", xlabel="memory tokens", ylabel="seconds (to first answer token)")
+    ax.set_title(f"Time to the first answer token ({r['machine']['threads']} threads)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     latency = out / "latency_vs_memory.png"
@@ -530,8 +625,11 @@ def _plots(r: dict[str, Any], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for arch in ARCHS:
         rows = [x for x in r["bytes"] if x["arch"] == arch]
-        ax.plot([x["memory_tokens"] for x in rows], [x["state_bytes"] for x in rows], "-o", label=arch)
-    ax.set(xscale="log", yscale="log", xlabel="memory tokens", ylabel="snapshot bytes")
+        ax.plot(
+            [x["memory_tokens"] for x in rows], [x["state_bytes"] / 2**20 for x in rows], "-o", label=arch
+        )
+    ax.set(xscale="log", yscale="log", xlabel="memory tokens", ylabel="snapshot size (MiB)")
+    ax.set_title("State snapshot size against memory length", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     sizes = out / "bytes_vs_memory.png"
@@ -571,3 +669,235 @@ def endpoint_bench(
             say(f"endpoint: {rows[-1]}")
             memory.close()
     return rows
+
+
+# Embedding a memory
+
+EMBED_ITEMS = 20_000
+QUICK_EMBED_ITEMS = 2_000
+EMBED_SAMPLE = 1024  # lines timed for each thread count and batch size
+EMBED_BATCHES = (16, 32, 64, 128)
+OLD_CHUNK = 4096  # lines per embedder call (and per progress bar) in the index's former loop
+EMBED_ATOL = 1e-5  # float32 rounding from different padding is ~1e-7
+
+
+def run_embedding_bench(
+    *,
+    items: int | None = None,
+    quick: bool = False,
+    echo: bool = True,
+    batches: tuple[int, ...] = EMBED_BATCHES,
+    sample: int = EMBED_SAMPLE,
+) -> dict[str, Any]:
+    """The first embedding of a memory of `items` short lines with MiniLM (the default embedder):
+    the index's whole job, against the same lines embedded in 4,096-line calls on every core (as
+    the index did before); a sample timed per thread count and batch size, sorted by length and
+    not; the padding each batching costs; and the largest difference of the job's vectors from
+    the former job's and from lines embedded one at a time (speeds are refused if it is too big).
+    """
+    import torch
+
+    from .embedders import SentenceTransformerEmbedder, load_embedder
+
+    say: Callable[[str], None] = print if echo else (lambda _m: None)
+    n = items or (QUICK_EMBED_ITEMS if quick else EMBED_ITEMS)
+    result: dict[str, Any] = {"bench": "linmem-embedding", "items": n, "machine": _machine(torch)}
+    threads = result["machine"]["threads"]
+    result["load"] = {"before": load_check(threads)}
+    _warn_if_busy(result["load"]["before"], "before", say)
+    memo = load_embedder(None)
+    embedder = getattr(memo, "inner", memo)  # the model itself: the process's memo would skip work
+    assert isinstance(embedder, SentenceTransformerEmbedder)
+    texts = _lines(random.Random(0), n)
+    result["padding"] = _padding(embedder.count_tokens(texts), embedder.batch_size)
+    say(f"bench: {min(n, sample)} lines per thread count and batch size ...")
+    result["sweep"] = _embed_sweep(embedder, texts[:sample], batches, threads)
+    say(f"bench: {n} lines in {OLD_CHUNK}-line calls on {os.cpu_count()} threads ...")
+    old, result["former"] = _former_job(embedder, texts)
+    torch.set_num_threads(threads)
+    say(f"bench: {n} lines through the index on {threads} thread(s) ...")
+    new, result["index"] = _index_job(embedder, texts)
+    result["exactness"] = _embed_exactness(embedder, texts, old, new)
+    if not result["exactness"]["exact"]:
+        for row in (result["former"], result["index"], *result["sweep"]):
+            row["lines_per_s"] = None
+    _finish_load(result, threads, say)
+    _print_embedding(result, say)
+    if echo:
+        print(json.dumps(result))
+    return result
+
+
+def _lines(rng: random.Random, n: int) -> list[str]:
+    """Short memory lines, most of 6 to 20 words, a few of 50 or more."""
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(max(2, int(rng.lognormvariate(2.4, 0.6))))).capitalize()
+        + "."
+        for _ in range(n)
+    ]
+
+
+def _padding(tokens: list[int], batch: int) -> dict[str, Any]:
+    """Tokens a padded batching runs per real token: in the given order, longest first within
+    each former call of OLD_CHUNK lines, and longest first over all."""
+    real = sum(tokens)
+
+    def padded(lengths: list[int]) -> int:
+        return sum(
+            max(lengths[i : i + batch]) * len(lengths[i : i + batch]) for i in range(0, len(lengths), batch)
+        )
+
+    return {
+        "batch": batch,
+        "tokens_mean": round(real / max(1, len(tokens)), 1),
+        "tokens_max": max(tokens, default=0),
+        "padded_per_token_unsorted": round(padded(tokens) / max(1, real), 3),
+        "padded_per_token_sorted_per_call": round(
+            sum(
+                padded(sorted(tokens[i : i + OLD_CHUNK], reverse=True))
+                for i in range(0, len(tokens), OLD_CHUNK)
+            )
+            / max(1, real),
+            3,
+        ),
+        "padded_per_token_sorted": round(padded(sorted(tokens, reverse=True)) / max(1, real), 3),
+    }
+
+
+def _embed_sweep(
+    embedder: Any, texts: list[str], batches: tuple[int, ...], threads: int
+) -> list[dict[str, Any]]:
+    import torch
+
+    model, rows = embedder.model, []
+    model.encode(texts[:8])  # warm-up
+    for t in sorted({1, threads, os.cpu_count() or 1}):
+        torch.set_num_threads(t)
+        for batch in batches:
+            seconds = _timed(model.encode, texts, batch_size=batch, show_progress_bar=False)
+            rows.append(
+                {"threads": t, "batch": batch, "sorted": True, "lines_per_s": round(len(texts) / seconds)}
+            )
+        seconds = _timed(_in_given_order, model, texts, embedder.batch_size)
+        rows.append(
+            {
+                "threads": t,
+                "batch": embedder.batch_size,
+                "sorted": False,
+                "lines_per_s": round(len(texts) / seconds),
+            }
+        )
+    torch.set_num_threads(threads)
+    return rows
+
+
+def _in_given_order(model: Any, texts: list[str], batch: int) -> None:
+    """One call per batch, so that no call can reorder its lines by length."""
+    for i in range(0, len(texts), batch):
+        model.encode(texts[i : i + batch], batch_size=batch)
+
+
+def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t0
+
+
+def _former_job(embedder: Any, texts: list[str]) -> tuple[Any, dict[str, Any]]:
+    """The index's former loop: 4,096 lines per call, each sorted only within itself, on torch's
+    default of every core (the embedder set no thread count)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    parts = []
+    for lo in range(0, len(texts), OLD_CHUNK):
+        chunk = texts[lo : lo + OLD_CHUNK]
+        parts.append(embedder.model.encode(chunk, batch_size=64, normalize_embeddings=True))
+        embedder.count_tokens(chunk)
+    seconds = time.perf_counter() - t0
+    row = {"calls": len(parts), "threads": torch.get_num_threads(), "batch": 64, "seconds": round(seconds, 2)}
+    return np.concatenate(parts), row | {"lines_per_s": round(len(texts) / seconds)}
+
+
+def _index_job(embedder: Any, texts: list[str]) -> tuple[Any, dict[str, Any]]:
+    """A memory of `texts` and its first embedding read's sync: embedding, token counts and the
+    vector cache's writes, as a user's first read pays them."""
+    import torch
+
+    from .readers.embedding import EmbeddingReader
+
+    with tempfile.TemporaryDirectory() as home:
+        memory = open_memory("embedding", home=home, create=True)
+        memory.write([Item(t, clip=i // 20) for i, t in enumerate(texts)])
+        reader = EmbeddingReader(memory, embedder=embedder)
+        t0 = time.perf_counter()
+        reader.prepare()
+        seconds = time.perf_counter() - t0
+        vectors = reader.index.vectors()
+        assert [i.text for i in vectors.items] == texts  # rows in the items' order
+        matrix = vectors.matrix().copy()
+        memory.close()
+    row = {"threads": torch.get_num_threads(), "batch": embedder.batch_size, "seconds": round(seconds, 2)}
+    return matrix, row | {"lines_per_s": round(len(texts) / seconds)}
+
+
+def _embed_exactness(embedder: Any, texts: list[str], old: Any, new: Any) -> dict[str, Any]:
+    """The index's vectors against the former job's, and both against 64 lines (every length)
+    embedded alone: no padding, the reference."""
+    import numpy as np
+
+    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    picks = sorted({by_length[round(k * (len(texts) - 1) / 63)] for k in range(64)})
+    alone = np.stack([embedder.embed([texts[i]])[0] for i in picks])
+    diffs = {
+        "index_vs_former": float(np.abs(new - old).max()),
+        "index_vs_alone": float(np.abs(new[picks] - alone).max()),
+        "former_vs_alone": float(np.abs(old[picks] - alone).max()),
+    }
+    return {f"max_abs_{k}": float(f"{v:.2e}") for k, v in diffs.items()} | {
+        "atol": EMBED_ATOL,
+        "exact": all(v <= EMBED_ATOL for v in diffs.values()),
+    }
+
+
+def _print_embedding(r: dict[str, Any], say: Callable[[str], None]) -> None:
+    m, p = r["machine"], r["padding"]
+    say(f"\nlinmem bench --embedding: {r['items']} lines, all-MiniLM-L6-v2, {m['cpu']}, {m['cores']} cores")
+    say(
+        f"tokens per line: mean {p['tokens_mean']}, max {p['tokens_max']}; padded tokens run per real "
+        f"token in batches of {p['batch']}: {p['padded_per_token_unsorted']} in the given order, "
+        f"{p['padded_per_token_sorted_per_call']} longest first per {OLD_CHUNK} lines, "
+        f"{p['padded_per_token_sorted']} longest first"
+    )
+    f, i = r["former"], r["index"]
+    say(
+        _table(
+            ["job", "threads", "seconds", "lines/s"],
+            [
+                [
+                    f"{f['calls']} call(s) of up to {OLD_CHUNK} lines (former)",
+                    f["threads"],
+                    f["seconds"],
+                    f["lines_per_s"],
+                ],
+                ["the index, longest first (now)", i["threads"], i["seconds"], i["lines_per_s"]],
+            ],
+        )
+    )
+    say("\na sample, lines/s by thread count and batch size")
+    say(
+        _table(
+            ["threads", "batch", "sorted", "lines/s"],
+            [[x["threads"], x["batch"], x["sorted"], x["lines_per_s"]] for x in r["sweep"]],
+        )
+    )
+    e = r["exactness"]
+    say(
+        f"\nlargest difference: index vs former {e['max_abs_index_vs_former']}, vs lines embedded alone "
+        f"{e['max_abs_index_vs_alone']} (former: {e['max_abs_former_vs_alone']}); "
+        + ("exact" if e["exact"] else f"NOT EXACT (tolerance {e['atol']}): speeds refused")
+    )
+    if r["load"]["busy"]:
+        say(f"\nWARNING: figures measured on a busy machine ({r['load']['warning']}): unreliable")

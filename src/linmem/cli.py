@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -16,15 +17,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, prompts
-from .errors import LinmemError
-from .itemfile import read_items
+from . import __version__, progress, prompts
+from .errors import BadInput, EmptyMemory, LinmemError
+from .itemfile import FORMATS, JSONL_SUFFIXES, read_items_as
+from .log import check_id
 from .memory import Memory, delete_memory, memories, open_memory, summaries
 from .readers import BACKENDS
 from .types import Answer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None  # the console script, not a caller in its own process
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if "--json" in argv:  # a bad command line, too, is one JSON object (argparse's exit status 2)
@@ -33,13 +36,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except _UsageError as e:
         return _fail(argparse.Namespace(json=True), "usage", str(e), status=2)
+    args.as_program = as_program
     _quiet_libraries()
+    progress.log_lines(True)  # long work off a terminal says how far it is, now and then
     try:
         result = args.run(args)
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        sys.stdout.flush()
     except LinmemError as e:
         return _fail(args, e.code, str(e))
     except KeyboardInterrupt:
-        return _fail(args, "interrupted", "interrupted")
+        return _fail(args, "interrupted", "interrupted", status=130)  # 128 + SIGINT, as shells report
+    except BrokenPipeError:
+        # Whoever read the output stopped early (`linmem show NAME | head`): end quietly, as Unix
+        # tools do, and keep Python from failing again as it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     except Exception as e:
         if not args.json:
             raise
@@ -47,8 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, "internal", f"internal error: {type(e).__name__}: {e}")
     finally:
         _close_opened()
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        progress.log_lines(False)  # main() also runs in-process: leave the setting as it was
     return 0
 
 
@@ -91,8 +103,34 @@ def _fail(args: argparse.Namespace, code: str, message: str, *, status: int = 1)
     if getattr(args, "json", False):
         print(json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False))
     else:
-        print(f"linmem: error: {message}", file=sys.stderr)
+        print(f"linmem: error: {_shown(message)}", file=sys.stderr)
     return status
+
+
+def _say(message: str) -> None:
+    """A note for the person at the terminal (stderr: stdout stays the command's result)."""
+    print(_shown(message), file=sys.stderr)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# C0 and C1 control characters other than newline and tab: an ESC or a NUL from a model's answer
+# or a caption would drive the terminal. Shown as escapes; what is stored stays as written.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _shown(text: str) -> str:
+    """`text` safe to print on a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _quiet_libraries() -> None:
@@ -111,11 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-term memory for LLM agents, read by a linear-attention language model.",
     )
     p.add_argument("--version", action="version", version=f"linmem {__version__}")
+    # --home and --json go before the command or after it. The command's copies default to
+    # SUPPRESS, so that one left out after the command keeps what was given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--home", type=Path, help="memory home folder (default: $LINMEM_HOME or the user data dir)"
-    )
-    common.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    for parser, home, as_json in ((p, None, False), (common, argparse.SUPPRESS, argparse.SUPPRESS)):
+        parser.add_argument(
+            "--home",
+            type=Path,
+            default=home,
+            help="memory home folder (default: $LINMEM_HOME or the user data dir)",
+        )
+        parser.add_argument(
+            "--json", action="store_true", default=as_json, help="print exactly one JSON object on stdout"
+        )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run: Callable[[argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
@@ -129,9 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "files",
         nargs="+",
         metavar="FILE",
-        help="JSONL (.jsonl) or text (one item per paragraph); - for stdin",
+        help="JSONL (.jsonl), JSON (.json: an array of items) or text (one item per paragraph); "
+        "- for stdin. Content that is wholly item objects is read as items whatever the suffix",
     )
-    w.add_argument("--format", choices=["jsonl", "text"], help="override the format the suffix implies")
+    w.add_argument(
+        "--format", choices=FORMATS, help="read every FILE in this format (text: store JSON as text)"
+    )
 
     _ingest_command(command)
     _structure_command(command)
@@ -142,10 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         a = command(name, run, what)
         a.add_argument("name")
-        a.add_argument("query", metavar="QUESTION" if name == "ask" else "QUERY")
-        _reader_options(a, default="lm" if name == "ask" else "hybrid")
+        a.add_argument(
+            "query",
+            metavar="QUESTION" if name == "ask" else "QUERY",
+            help="the text, or - to read it from stdin",
+        )
+        _reader_options(a, default="lm" if name == "ask" else "hybrid", top_k=name == "ask")
         if name == "rank":
-            a.add_argument("-k", type=int, default=5, help="how many clips (default 5)")
+            a.add_argument("-k", "--top-k", dest="k", type=int, default=5, help="how many clips (default 5)")
 
     g = command("agent", cmd_agent, "answer a question with a controller model that searches the memory")
     g.add_argument("name")
@@ -184,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name")
     f.add_argument("ids", nargs="*", type=int, metavar="ITEM_ID")
     f.add_argument("--all", action="store_true", help="delete every item and every cache of the memory")
+    f.add_argument("--yes", "-y", action="store_true", help="with --all: do not ask first on a terminal")
 
     d = command("delete", cmd_delete, "delete a memory entirely")
     d.add_argument("name")
+    d.add_argument("--yes", "-y", action="store_true", help="do not ask first on a terminal")
 
     _tool_commands(command)
 
@@ -247,10 +302,10 @@ def _tool_commands(command: Command) -> None:
         "eval", cmd_eval, "run an experiment config (a table of the paper), resumably, and write its report"
     )
     e.add_argument("config", type=Path, metavar="CONFIG")
+    e.add_argument("--limit", type=int, help="run the first N examples of each task (in the task's order)")
     e.add_argument(
-        "--limit", type=int, help="first N examples (per context length / budget for synthetic tasks)"
+        "--out", type=Path, help="results folder (default eval-out/<config name>, or <config name>-offline)"
     )
-    e.add_argument("--out", type=Path, help="results folder (default eval-out/<config name>)")
     e.add_argument(
         "--offline",
         action="store_true",
@@ -277,6 +332,15 @@ def _tool_commands(command: Command) -> None:
     b.add_argument("--quick", action="store_true", help="memories of 1k and 4k tokens only (under 2 minutes)")
     b.add_argument("--out", type=Path, help="folder for the PNG plots (default bench-out)")
     b.add_argument(
+        "--targets", action="store_true", help="also judge the project's own targets (table and JSON)"
+    )
+    b.add_argument(
+        "--embedding",
+        action="store_true",
+        help="the first embedding of a memory of 20,000 short lines (--quick: 2,000; --items N) and "
+        "what its speed depends on: threads, batch size, padding",
+    )
+    b.add_argument(
         "--endpoint", metavar="URL#MODEL", help="time reads against a live OpenAI-compatible server"
     )
     b.add_argument(
@@ -285,7 +349,9 @@ def _tool_commands(command: Command) -> None:
         help="the hybrid reader and full-text index at 100,000 items (--quick: 5,000): search "
         "latency, index build, write cost, RAM",
     )
-    b.add_argument("--items", type=int, help="with --search: how many items (default 100,000)")
+    b.add_argument(
+        "--items", type=int, help="with --search or --embedding: how many items (default 100,000; 20,000)"
+    )
     b.add_argument(
         "--agent",
         metavar="CONTROLLER",
@@ -334,7 +400,7 @@ def _allow_options(a: argparse.ArgumentParser, *, defaults: bool = True) -> None
                    help=f"another embedder spec requests may choose {more}")  # fmt: skip
 
 
-def _reader_options(a: argparse.ArgumentParser, default: str = "lm") -> None:
+def _reader_options(a: argparse.ArgumentParser, default: str = "lm", *, top_k: bool = True) -> None:
     a.add_argument("--backend", choices=BACKENDS, default=default, help=f"reader (default {default})")
     a.add_argument(
         "--model",
@@ -354,7 +420,8 @@ def _reader_options(a: argparse.ArgumentParser, default: str = "lm") -> None:
         choices=["error", "window"],
         help="memory longer than the context: stop (default) or read in windows",
     )
-    a.add_argument("--top-k", type=int, help="clips the embedding or hybrid reader returns (default 3)")
+    if top_k:  # rank's own -k/--top-k says how many clips it returns
+        a.add_argument("--top-k", type=int, help="clips the embedding or hybrid reader returns (default 3)")
     a.add_argument(
         "--rerank", choices=["lm"], help="hybrid reader: let the LM (--model) re-rank its best clips"
     )
@@ -366,12 +433,15 @@ def _reader_options(a: argparse.ArgumentParser, default: str = "lm") -> None:
 
 def _reader(args: argparse.Namespace) -> tuple[Memory, Any]:
     memory = _open(args.name, args.home)
+    if memory.state().count == 0:  # said now, not after a model has taken a minute to load
+        raise EmptyMemory(f"memory {memory.name!r} is empty: write items first (linmem write)")
+    top_k = getattr(args, "top_k", None)
     if args.backend == "embedding":
-        options = {"embedder": args.embedder, "top_k": args.top_k, "threshold": args.threshold}
+        options = {"embedder": args.embedder, "top_k": top_k, "threshold": args.threshold}
     elif args.backend == "hybrid":
         options = {
             "embedder": args.embedder,
-            "top_k": args.top_k,
+            "top_k": top_k,
             "rerank": args.rerank,
             "model": args.model,
             "rerank_depth": args.rerank_depth,
@@ -391,11 +461,16 @@ def cmd_write(args: argparse.Namespace) -> dict[str, Any]:
     batches = []
     for f in args.files:
         data = sys.stdin.buffer.read() if f == "-" else None
-        batches.append(read_items(Path("<stdin>" if f == "-" else f), args.format, data))
+        path = Path("<stdin>" if f == "-" else f)
+        items, fmt = read_items_as(path, args.format, data)
+        if args.format is None and fmt != "text" and path.suffix.lower() not in (".json", *JSONL_SUFFIXES):
+            _say(f"note: {path} holds JSON items: read as {fmt} (--format text stores the raw text)")
+        batches.append(items)
     with _target(args.name, args.home) as memory:  # a memory made here goes again if the write fails
         written = memory.write([item for batch in batches for item in batch])
     if not args.json:
-        print(f"wrote {len(written)} items to {memory.name} (ids {written[0].id}-{written[-1].id})")
+        ids = f"id {written[0].id}" if len(written) == 1 else f"ids {written[0].id}-{written[-1].id}"
+        print(f"wrote {_plural(len(written), 'item')} to {memory.name} ({ids})")
     state = memory.state()
     return {
         "memory": memory.name,
@@ -436,7 +511,10 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
             bar.close()
     if not args.json:
         for r in reports:
-            print(f"{r.source}: {r.clips} clips, {r.written} written, {r.skipped} already there ({r.kind})")
+            print(
+                f"{_shown(r.source)} ({r.kind}): {_plural(r.clips, 'clip')}, {r.written} written to "
+                f"{memory.name}, {r.skipped} already there"
+            )
     return {"memory": memory.name, "sources": [r.to_dict() for r in reports], "items": memory.state().count}
 
 
@@ -448,8 +526,8 @@ def cmd_structure(args: argparse.Namespace) -> dict[str, Any]:
     engine = load_engine(args.model)
 
     def progress(source: str, clip: int, outcome: str) -> None:
-        if not args.json:
-            print(f"{source} clip {clip}: {outcome}", file=sys.stderr)
+        if not args.json and not sys.stderr.isatty():  # a terminal shows the clips' bar instead
+            _say(f"{source} clip {clip}: {outcome}")
 
     with _target(args.into or f"{args.name}-structured", args.home) as into:
         result = structure(memory, engine, into=into, export=args.export,
@@ -475,19 +553,43 @@ def _target(name: str, home: Path | None) -> Iterator[Memory]:
         raise
 
 
+def _query(args: argparse.Namespace) -> str:
+    """The question as given, or read from stdin for "-" (a long one does not fit a command line)."""
+    if args.query != "-":
+        return str(args.query)
+    text = sys.stdin.buffer.read().decode("utf-8", "replace").strip()
+    if not text:
+        raise BadInput("the question read from stdin is empty")
+    return text
+
+
 def cmd_ask(args: argparse.Namespace) -> dict[str, Any]:
+    query = _query(args)
     _, reader = _reader(args)
-    answer = reader.read(args.query)
+    answer = reader.read(query)
     if not args.json:
         _print_answer(answer)
     return answer.to_dict()
 
 
 def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
-    _, reader = _reader(args)
-    answer = reader.rank(args.query, args.k)
+    query = _query(args)
+    memory, reader = _reader(args)
+    answer = reader.rank(query, args.k)
     if not args.json:
-        print("clips: " + (", ".join(str(c) for c in answer.clips) or "(none)"))
+        if answer.hits:
+            for h in answer.hits:
+                lines = " / ".join(_shown(line).replace("\n", " / ") for line in h.lines)
+                print(f"clip {h.clip}\t{h.score:.3f}\t{lines}")
+        elif answer.clips:
+            print("clips: " + ", ".join(str(c) for c in answer.clips))
+        elif all(i.clip is None for i in memory.items()):
+            print(
+                f"clips: (none: no item of {memory.name} has a clip id, and rank orders clips; "
+                f"linmem ask {memory.name} QUESTION answers from the items' text)"
+            )
+        else:
+            print("clips: (none matched)")
         _print_footer(answer)
     return answer.to_dict()
 
@@ -496,6 +598,7 @@ def cmd_agent(args: argparse.Namespace) -> dict[str, Any]:
     from .agent import Agent, check_settings
 
     check_settings(args.policy, args.controller, args.rounds)  # before a reader loads its model
+    query = _query(args)
     _, reader = _reader(args)
     agent = Agent(
         reader,
@@ -505,26 +608,29 @@ def cmd_agent(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.controller_max_tokens,
         reuse_state=not args.controller_stateless,
     )
-    trace = agent.run(args.query)
+    trace = agent.run(query)
     if not args.json:
-        print(trace.answer if trace.answer is not None else "(no answer)")
+        print(_shown(trace.answer) if trace.answer is not None else "(no answer)")
         c, r = trace.controller_tokens, trace.reader_tokens
+        invalid = sum(t.action == "invalid" for t in trace.turns)
         parts = [
             f"{trace.policy}",
             f"controller {trace.controller}",
             f"reader {trace.reader}",
-            f"rounds {trace.rounds}, searches {trace.searches}",
+            f"rounds {trace.rounds}"
+            + (f" ({invalid} not in M3's format)" if invalid else "")
+            + f", searches {trace.searches}",
             f"controller tokens: prompt {c.processed + c.cached} ({c.cached} from kept state), "
             f"completion {c.generated}",
             f"reader tokens: processed {r.processed}, cached {r.cached}",
             f"{trace.total_s:.2f} s",
         ]
-        print("[" + " | ".join(parts) + "]", file=sys.stderr)
+        _say("[" + " | ".join(parts) + "]")
     return trace.to_dict()
 
 
 def _print_answer(answer: Answer) -> None:
-    print(answer.text)
+    print(_shown(answer.text))
     print()
     _print_footer(answer)
 
@@ -532,13 +638,12 @@ def _print_answer(answer: Answer) -> None:
 def _print_footer(a: Answer) -> None:
     t = a.tokens
     cited = ", ".join(str(c) for c in a.clips) or "none"
-    print(
+    _say(
         f"[{a.model} | clips: {cited} | tokens: memory {t.memory}, processed {t.processed}, "
-        f"cached {t.cached}, generated {t.generated} | {a.timings.total_s:.2f} s]",
-        file=sys.stderr,
+        f"cached {t.cached}, generated {t.generated} | {a.timings.total_s:.2f} s]"
     )
     for note in a.notes:
-        print(f"note: {note}", file=sys.stderr)
+        _say(f"note: {note}")
 
 
 def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
@@ -557,27 +662,35 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
         "characters": sum(len(i.text) for i in items),
         "log_version": state.version,
         "epoch": state.epoch,
-        "caches": {str(p.relative_to(memory.cache_dir)): p.stat().st_size for p in caches},
     }
+    sizes = {str(p.relative_to(memory.cache_dir)): p.stat().st_size for p in caches}
     shown = items if args.limit == 0 else items[: args.limit]
     if not args.json:
         for k, v in stats.items():
-            print(f"{k}: {v}")
+            value = (", ".join(map(_shown, v)) or "(none)") if isinstance(v, list) else _shown(str(v))
+            print(f"{k}: {value}")
+        print(f"caches: {_plural(len(sizes), 'file')}, {_size(sum(sizes.values()))}")
+        for name, size in sizes.items():
+            print(f"  {_shown(name)}  {_size(size)}")
         print()
+        indent = " " * 32  # where the text column starts: an item's later lines line up under it
         for i in shown:
             tag = f"clip {i.clip}" if i.clip is not None else "note"
-            print(f"{i.id:>6}  {tag:<9} {i.time or '':<13} {i.text}")
+            text = _shown(i.text).replace("\n", "\n" + indent)
+            print(f"{i.id:>6}  {tag:<9} {_shown(i.time or ''):<13} {text}")
         if len(shown) < len(items):
             print(f"... {len(items) - len(shown)} more (--limit 0 shows all)")
-    return stats | {"list": [i.to_dict() for i in shown]}
+    return stats | {"caches": sizes, "list": [i.to_dict() for i in shown]}
 
 
 def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
     rows = summaries(args.home)
     if not args.json:
         for r in rows:
-            count = f"{r['items']} items" if "error" not in r else f"unreadable: {r['error']['message']}"
-            print(f"{r['name']}\t{count}")
+            count = (
+                _plural(r["items"], "item") if "error" not in r else f"unreadable: {r['error']['message']}"
+            )
+            print(f"{_shown(r['name'])}\t{count}")
         if not rows:
             print("no memories yet (linmem write NAME FILE, or linmem demo)")
     return {"memories": rows}
@@ -586,14 +699,47 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
     memory = _open(args.name, args.home)
     if args.all == bool(args.ids):
-        raise LinmemError("give item ids to forget, or --all (not both)")
-    removed = memory.clear() if args.all else memory.forget(args.ids)
+        raise BadInput("give item ids to forget, or --all (not both)")
+    missing: list[int] = []
+    if args.all:
+        _confirm(args, f"forget all {_plural(memory.state().count, 'item')} of {memory.name}?")
+        removed = memory.clear()
+    else:
+        ids = [check_id(i, "item id") for i in dict.fromkeys(args.ids)]
+        present = {i.id for i in memory.items()}
+        missing = [i for i in ids if i not in present]
+        if len(missing) == len(ids):
+            raise BadInput(
+                f"{memory.name} has no item {_id_list(missing)}: nothing forgotten "
+                f"(linmem show {memory.name} lists the ids)"
+            )
+        removed = memory.forget(args.ids)
+        if missing:
+            _say(f"warning: {memory.name} has no item {_id_list(missing)}")
     if not args.json:
-        print(f"forgot {removed} items from {memory.name}")
-    return {"memory": memory.name, "forgotten": removed, "items": memory.state().count}
+        print(f"forgot {_plural(removed, 'item')} from {memory.name}")
+    return {"memory": memory.name, "forgotten": removed, "missing": missing, "items": memory.state().count}
+
+
+def _id_list(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids)
+
+
+def _confirm(args: argparse.Namespace, question: str) -> None:
+    """Ask before destroying data when a person is at a terminal; --yes (or no terminal: a
+    script) goes ahead."""
+    if args.yes or not sys.stdin.isatty():
+        return
+    sys.stderr.write(f"{question} [y/N] ")  # stderr: stdout holds only the command's result
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise LinmemError("cancelled: nothing changed")
 
 
 def cmd_delete(args: argparse.Namespace) -> dict[str, Any]:
+    memory = _open(args.name, args.home)
+    _confirm(args, f"delete memory {memory.name} and its {_plural(memory.state().count, 'item')}?")
+    memory.close()
     delete_memory(args.name, home=args.home)
     if not args.json:
         print(f"deleted memory {args.name}")
@@ -601,15 +747,25 @@ def cmd_delete(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    import signal
+    import threading
+
     from .evals.config import load_config
     from .evals.run import run_eval
 
-    config = load_config(args.config, args.set, args.unset)
+    # Interrupting is how a run is stopped (what is done stays, a partial report is written, the
+    # rerun resumes), so SIGINT must reach it: a job started with `&` by a script inherits SIGINT
+    # ignored, and `kill -INT` would then do nothing.
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    config = load_config(args.config, args.set, args.unset, offline=args.offline)
+    # An offline run's noise never lands in (or resumes from) the real run's folder.
+    out = args.out or Path("eval-out") / (args.config.stem + ("-offline" if args.offline else ""))
     if args.offline:
         from .evals.config import offline
 
-        config = offline(config)
-    out = args.out or Path("eval-out") / args.config.stem
+        config = offline(config, data=out / "standin")  # stand-ins for data that is absent
     outcome = run_eval(config, out=out, limit=args.limit, echo=None if args.json else print)
     report = out / "report.md"
     if not args.json:
@@ -638,28 +794,57 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
         if args.engine.startswith(("hf:", "tiny:")):
             return run_roofline(args.engine, echo=not args.json)
         return run_llama_bench(args.engine, quick=args.quick, echo=not args.json)
+    if args.embedding:
+        from .bench import run_embedding_bench
+
+        return run_embedding_bench(items=args.items, quick=args.quick, echo=not args.json)
     from .bench import run_bench
 
     out = args.out or Path("bench-out")
-    return run_bench(quick=args.quick, out=out, endpoint=args.endpoint, echo=not args.json)
+    return run_bench(
+        quick=args.quick, out=out, endpoint=args.endpoint, with_targets=args.targets, echo=not args.json
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from .service.core import Allowed
+    from .service.core import Allowed, require_serve_extra
+
+    require_serve_extra("linmem serve", ("fastapi", "uvicorn"))
     from .service.http import serve
 
     allowed = Allowed.of(args.model, args.embedder, args.allow_model, args.allow_embedder)
     serve(home=args.home, host=args.host, port=args.port, token_file=args.token_file,
           ram_budget=args.ram_budget_mb * 2**20, allowed=allowed)  # fmt: skip
-    return {"stopped": True}
+    return _stopped(args)
 
 
 def cmd_mcp(args: argparse.Namespace) -> dict[str, Any]:
+    from .service.core import require_serve_extra
+
+    require_serve_extra("linmem mcp", ("mcp", "uvicorn") if args.transport == "http" else ("mcp",))
     from .service.mcp import run
 
     run(home=args.home, transport=args.transport, host=args.host, port=args.port, token_file=args.token_file,
         allow_models=args.allow_model, allow_embedders=args.allow_embedder)  # fmt: skip
-    return {"stopped": True}
+    return _stopped(args)
+
+
+def _stopped(args: argparse.Namespace) -> dict[str, Any]:
+    """A stopped server's process ends here, at once: otherwise the interpreter would wait for the
+    reads the stop abandoned and then take seconds tearing down torch. Nothing is lost: every
+    write was committed before it was acknowledged. (Called in-process, as `main([...])`, or in
+    another thread, the caller's program goes on: that returns.)"""
+    import threading
+
+    result = {"stopped": True}
+    if not args.as_program or threading.current_thread() is not threading.main_thread():
+        return result
+    _close_opened()
+    if args.json:
+        print(json.dumps(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:

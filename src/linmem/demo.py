@@ -64,7 +64,11 @@ def run_demo(
         delete_memory("demo", home=home)
     memory = open_memory("demo", home=home, create=True)
     items = memory.write(read_items(sample_path()))
-    say(f"Wrote {len(items)} clip captions of a household robot's day to memory 'demo' ({memory.path}).\n")
+    clips = len({i.clip for i in items if i.clip is not None})
+    say(
+        f"Wrote {len(items)} caption lines ({clips} clips) of a household robot's day to memory 'demo' "
+        f"({memory.path}).\n"
+    )
     result: dict[str, Any] = {"memory": "demo", "items": len(items), "embedding": [], "lm": []}
 
     say("== Embedding reader (all-MiniLM-L6-v2, exact cosine, top clips verbatim) ==")

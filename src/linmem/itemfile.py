@@ -1,6 +1,9 @@
-"""Items from files: JSON Lines (one item object per line) or plain text (one item per paragraph).
+"""Items from files: JSON Lines (one item object per line), a JSON array of item objects, or plain
+text (one item per paragraph).
 
-A file is parsed whole before anything is written, so a bad line anywhere writes nothing.
+A file is parsed whole before anything is written, so a bad line anywhere writes nothing. Without
+a format and a suffix that names one, content that is wholly item objects (JSON Lines, or an array)
+is read as items: stored as text, it would become one note of raw JSON, which no one means.
 
 JSON Lines are split on "\\n" only (a "\\r" before it is dropped): a JSON string may hold U+2028,
 U+0085 and the other characters `str.splitlines` also breaks at, and a line number must be the
@@ -27,21 +30,93 @@ BOM = "\ufeff"
 _TEXT_NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
+FORMATS = ("jsonl", "json", "text")
+
+
 def read_items(path: str | Path, fmt: str | None = None, data: bytes | None = None) -> list[Item]:
-    """Parse a file of items. `fmt` is "jsonl" or "text"; by default the suffix decides
-    (.jsonl and .ndjson are JSON Lines, anything else is text). `data` replaces reading `path`
-    (used for standard input)."""
+    """Parse a file of items. `fmt` is "jsonl", "json" (an array of item objects, or one) or
+    "text"; by default .jsonl and .ndjson are JSON Lines, .json is JSON, and anything else is
+    text unless its content is wholly item objects. `data` replaces reading `path` (used for
+    standard input)."""
+    return read_items_as(path, fmt, data)[0]
+
+
+def read_items_as(
+    path: str | Path, fmt: str | None = None, data: bytes | None = None
+) -> tuple[list[Item], str]:
+    """`read_items`, and the format the items were read in."""
     path = Path(path)
     content = read_utf8(path, data)
-    fmt = fmt or ("jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text")
-    if fmt == "jsonl":
+    if fmt is None:
+        fmt, items = _sniff(content, path)
+    elif fmt == "jsonl":
         items = _parse_jsonl(content, path)
+    elif fmt == "json":
+        items = _parse_json(content, path)
     elif fmt == "text":
         items = [Item(text=p) for p in _paragraphs(content)]
     else:
-        raise BadInput(f"unknown item format {fmt!r}: expected 'jsonl' or 'text'")
+        raise BadInput(f"unknown item format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if not items:
         raise BadInput(f"{path}: no items found (the file is empty or blank)")
+    return items, fmt
+
+
+def _sniff(content: str, path: Path) -> tuple[str, list[Item]]:
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl", _parse_jsonl(content, path)
+    if suffix == ".json":
+        # Many tools write JSON Lines under .json: a file that is not one JSON document is
+        # tried as lines, and the document's own error is the one reported if both fail.
+        try:
+            return "json", _parse_json(content, path)
+        except BadInput as whole:
+            try:
+                return "jsonl", _parse_jsonl(content, path)
+            except BadInput:
+                raise whole from None
+    if _looks_like_json(content):
+        failures = []
+        for fmt, parse in (("json", _parse_json), ("jsonl", _parse_jsonl)):
+            try:
+                return fmt, parse(content, path)
+            except BadInput as e:
+                failures.append(e)
+        # JSON Lines name the line that failed; a document that is one value, its own error.
+        error = failures[1] if "\n" in content.strip() and content.lstrip()[:1] == "{" else failures[0]
+        raise BadInput(f"{error} (the file looks like JSON items; --format text stores it as text)")
+    return "text", [Item(text=p) for p in _paragraphs(content)]
+
+
+def _looks_like_json(content: str) -> bool:
+    """Whether text is meant as JSON: its first line is a JSON object or array, or the whole is
+    bracketed like one. A note that merely starts with a bracket ("[draft] ...") is not."""
+    body = content.strip()
+    if not body or body[0] not in "{[":
+        return False
+    if (body[0], body[-1]) in (("{", "}"), ("[", "]")):
+        return True
+    try:
+        return isinstance(json.loads(body.split("\n", 1)[0]), dict | list)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _parse_json(content: str, path: Path) -> list[Item]:
+    try:
+        doc = json.loads(content)
+    except (ValueError, RecursionError) as e:
+        line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise BadInput(f"{path}{line}: {json_failure(e)}") from None
+    objects = doc if isinstance(doc, list) else [doc]
+    items = []
+    for n, obj in enumerate(objects):
+        try:
+            items.append(item_from_dict(obj))
+        except BadInput as e:
+            where = f"item {n + 1} of the array" if isinstance(doc, list) else "the object"
+            raise BadInput(f"{path}: {where}: {e}") from None
     return items
 
 

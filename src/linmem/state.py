@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import render
+from . import progress, render
 from .errors import ContextOverflow
 from .log import Log, LogState
 
@@ -292,7 +292,8 @@ class SnapshotStore:
         t0 = time.perf_counter()
         cache = self.engine.new_cache() if snap is None else self.engine.fork(snap.cache)
         if ids:
-            self.engine.advance(cache, ids, progress=_progress(len(ids)))
+            with progress.task("reading the memory", len(ids), "tok") as task:
+                self.engine.advance(cache, ids, progress=task.step)
         seconds = time.perf_counter() - t0
         new = Snapshot(cache, total, state, cursor, (*marks, (total, state.head))[-4 * MAX_CHUNKS :])
         return new, Update(len(ids), seconds, reason)
@@ -613,24 +614,6 @@ def _flock(path: Path, *, exclusive: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
-
-
-def _progress(total: int) -> Any:
-    """A tqdm progress callback for long prefills on a terminal, else None."""
-    import sys
-
-    if total < 8192 or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="tok", desc="prefill", leave=False)
-
-    def step(n: int) -> None:
-        bar.update(n)
-        if bar.n >= total:
-            bar.close()
-
-    return step
 
 
 __all__ = ["RAM", "Snapshot", "SnapshotStore", "Update", "set_ram_budget"]

@@ -29,7 +29,7 @@ from typing import Any
 
 import networkx as nx
 
-from . import prompts
+from . import progress, prompts
 from .engines.base import Engine
 from .errors import BadInput, ContextOverflow, EngineError, LinmemError
 from .journal import Appender
@@ -501,22 +501,26 @@ class _Extractor:
         """The extractions of one source's clips, and a description of the failed clip (None if none)."""
         known = _Known()
         done: list[tuple[int, Extraction]] = []
-        for position, (clip, caption) in enumerate(clips.items()):
-            key = _Key(source, clip, hashlib.sha256(caption.encode("utf-8")).hexdigest(), self.engine.id)
-            extraction = self.store.get(key)
-            outcome, error = "cached", ""
-            if extraction is None:
-                extraction, error = self.ask(key, [{"role": "user", "content": known.prompt(clip, caption)}])
-                outcome = "ok" if extraction is not None else "failed"
-            if self.progress is not None:
-                self.progress(source, clip, outcome)
-            if extraction is None:
-                skipped = len(clips) - position - 1
-                rest = f", {skipped} later clip(s) not attempted" if skipped else ""
-                return done, f"{source} clip {clip} ({error}){rest}"
-            known.add(clip, extraction)
-            done.append((clip, extraction))
-        return done, None
+        with progress.task(f"structure {source}", len(clips), "clip") as task:
+            for position, (clip, caption) in enumerate(clips.items()):
+                key = _Key(source, clip, hashlib.sha256(caption.encode("utf-8")).hexdigest(), self.engine.id)
+                extraction = self.store.get(key)
+                outcome, error = "cached", ""
+                if extraction is None:
+                    extraction, error = self.ask(
+                        key, [{"role": "user", "content": known.prompt(clip, caption)}]
+                    )
+                    outcome = "ok" if extraction is not None else "failed"
+                task.step(note=f"clip {clip}: {outcome}")
+                if self.progress is not None:
+                    self.progress(source, clip, outcome)
+                if extraction is None:
+                    skipped = len(clips) - position - 1
+                    rest = f", {skipped} later clip(s) not attempted" if skipped else ""
+                    return done, f"{source} clip {clip} ({error}){rest}"
+                known.add(clip, extraction)
+                done.append((clip, extraction))
+            return done, None
 
     def ask(self, key: _Key, messages: list[dict[str, str]]) -> tuple[Extraction | None, str]:
         """Ask for one clip until an answer parses, recording every attempt; (extraction, last error)."""

@@ -12,10 +12,12 @@ Specs:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .. import _spec
 from .._registry import Registry
+from ..errors import ModelUnavailable
 from .base import BatchedEngine, Engine, Generation, Prompt, StatefulEngine
 
 DEFAULT_MODEL = "hf:Qwen/Qwen3.5-0.8B"
@@ -44,11 +46,16 @@ def load_engine(spec: str | None = None) -> Any:
 
 def _load(spec: _spec.Spec) -> Any:
     # Each backend is imported only when named: torch, llama.cpp and httpx are heavy or optional.
+    # A spec that cannot load is refused before that import, which takes seconds.
     if spec.scheme == "tiny":
+        from . import tiny
+
+        tiny.check_name(spec.target)
         from .hf import load_tiny
 
         return load_tiny(spec.target)
     if spec.scheme == "hf":
+        check_local_path(spec.target, "--model hf:/path/to/dir")
         from .hf import load_pretrained
 
         return load_pretrained(spec.target)
@@ -59,6 +66,17 @@ def _load(spec: _spec.Spec) -> Any:
     from .openai import OpenAIEngine
 
     return OpenAIEngine.from_spec(spec.target)
+
+
+def check_local_path(target: str, form: str) -> None:
+    """Refuse a target written as a path (absolute, ~, ./ or ../) that does not exist, which
+    would otherwise be taken for a hub repo id and sent there."""
+    if target.startswith(("/", "~", "./", "../", ".\\", "..\\")) or (len(target) > 1 and target[1] == ":"):
+        path = Path(target).expanduser()
+        if not path.exists():
+            raise ModelUnavailable(
+                f"model folder {path} does not exist (expected {form}, a transformers model folder)"
+            )
 
 
 __all__ = [

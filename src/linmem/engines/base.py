@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from .. import progress
 from ..errors import BadInput, ContextOverflow, ModelUnavailable
 
 
@@ -356,7 +357,8 @@ class LocalEngine:
     ) -> Generation:
         state = self.new_cache()
         t0 = time.perf_counter()
-        logits = self.advance(state, ids)
+        with progress.task("reading the prompt", len(ids), "tok") as task:
+            logits = self.advance(state, ids, progress=task.step)
         t1 = time.perf_counter()
         out = self.reply(state, logits, max_new_tokens, temperature=temperature, seed=seed, until=until)
         t2 = time.perf_counter()

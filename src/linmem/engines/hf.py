@@ -23,6 +23,7 @@ import copy
 import hashlib
 import inspect
 import json
+import logging
 import os
 import socket
 import sys
@@ -75,6 +76,22 @@ def prepare_torch(device: str) -> None:
         from ..kernels import install
 
         install()
+        # transformers announces, once a kernel, that each package hidden above is missing. On the
+        # CPU that is by design, so those notices (and only those) are dropped.
+        hub = logging.getLogger("transformers.integrations.hub_kernels")
+        if not any(isinstance(f, _HiddenKernelNotice) for f in hub.filters):
+            hub.addFilter(_HiddenKernelNotice())
+
+
+# The distributions of the _GPU_ONLY packages, as transformers names them in its notice.
+_HIDDEN_DISTRIBUTIONS = ("`causal_conv1d`", "`flash-linear-attention`", "`mamba_ssm`", "`mamba-ssm`")
+
+
+class _HiddenKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("falling back to its reference PyTorch implementation" in message
+                    and any(d in message for d in _HIDDEN_DISTRIBUTIONS))  # fmt: skip
 
 
 class HFEngine(LocalEngine):

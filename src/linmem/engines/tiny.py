@@ -143,15 +143,20 @@ CONFIGS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def check_name(name: str) -> None:
+    """Refuse an unknown tiny model name (before torch is imported: that takes seconds)."""
+    from ..errors import UnknownSpec
+
+    if name not in CONFIGS:
+        raise UnknownSpec(f"unknown tiny model {name!r}: expected one of {', '.join(sorted(CONFIGS))}")
+
+
 def build(name: str, seed: int = SEED) -> tuple[Any, Any]:
     """(model, tokenizer) for a tiny architecture; deterministic for a given name and seed."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..errors import UnknownSpec
-
-    if name not in CONFIGS:
-        raise UnknownSpec(f"unknown tiny model {name!r}: expected one of {', '.join(sorted(CONFIGS))}")
+    check_name(name)
     tok = build_tokenizer()
     config = CONFIGS[name](tok)
     return _seeded(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok, seed), tok

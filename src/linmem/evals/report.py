@@ -20,8 +20,9 @@ from .config import Config
 Cell = tuple[float, int]  # mean, n
 
 
-def write_report(config: Config, out: Path) -> Path:
-    """Write OUT/report.md (and plots) from OUT/results.jsonl; returns the report path."""
+def write_report(config: Config, out: Path, *, status: str = "") -> Path:
+    """Write OUT/report.md (and plots) from OUT/results.jsonl; returns the report path. `status`
+    is said first (a partial report says it was interrupted)."""
     from .run import load_records
 
     records = load_records(out)
@@ -29,6 +30,8 @@ def write_report(config: Config, out: Path) -> Path:
     plots = write_plots(config, records, out)
     parts = [
         f"# {config.title}",
+        f"**{status}**" if status else "",
+        _stand_ins(config),
         config.description,
         _provenance(config, records),
         body,
@@ -39,6 +42,14 @@ def write_report(config: Config, out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n\n".join(p for p in parts if p) + "\n", encoding="utf-8")
     return path
+
+
+def _stand_ins(config: Config) -> str:
+    if not config.stand_ins:
+        return ""
+    lines = "\n".join(f"> - {n}" for n in config.stand_ins)
+    head = "> **Offline smoke run: stand-ins, not the real models or data.** The numbers are noise."
+    return f"{head}\n>\n{lines}"
 
 
 def _changes(config: Config) -> str:
@@ -469,48 +480,96 @@ def write_plots(config: Config, records: list[dict[str, Any]], out: Path) -> lis
 
     paths = []
     if config.table in ("hit_vs_context", "scalability"):
-        metric = (
-            f"hit@{5 if 5 in config.k else max(config.k)}"
-            if config.table == "hit_vs_context"
-            else ("judge" if config.judge else "keyword_accuracy")
-        )
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for t in _labels(config):
-            for s in _systems(config):
-                points = _curve([r for r in _select(records, task=t, system=s)], metric)
-                if points:
-                    xs, ys = zip(*points, strict=True)
-                    ax.plot(
-                        xs,
-                        [100 * y for y in ys],
-                        marker="o",
-                        label=f"{t} {s}" if len(config.tasks) > 1 else s,
-                    )
-        ax.set_xlabel("candidate clips" if config.table == "hit_vs_context" else "memory budget (tokens)")
-        ax.set_ylabel(f"{metric} %")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        paths.append(_save(fig, out / "accuracy_vs_context.png", plt))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in _systems(config):
-        pts = [
-            (r["tokens"]["memory"], r["timings"]["total_s"])
-            for r in _select(records, system=s)
-            if r.get("tokens") and r["tokens"].get("memory") and r.get("timings")
-        ]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.scatter(xs, ys, s=8, label=s)
-            if min(ys) > 0 and max(ys) / min(ys) > 100:
-                ax.set_yscale("log")
-    ax.set_xlabel("memory tokens")
-    ax.set_ylabel("seconds per read")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    paths.append(_save(fig, out / "latency_vs_memory.png", plt))
+        paths.append(_accuracy_vs_context(config, records, out, plt))
+    paths.append(_latency_vs_memory(config, records, out, plt))
     if config.table == "locomo_answers":
         paths.append(_accuracy_vs_seconds(config, records, out, plt))
     return paths
+
+
+def _accuracy_vs_context(config: Config, records: list[dict[str, Any]], out: Path, plt: Any) -> Path:
+    if config.table == "hit_vs_context":
+        metric = f"hit@{5 if 5 in config.k else max(config.k)}"
+        title, shown = "Exact Hit@k vs context length", f"Exact Hit@{metric.removeprefix('hit@')} %"
+        xlabel = "candidate clips"
+    else:
+        metric = "judge" if config.judge else "keyword_accuracy"
+        shown = "judge accuracy %" if config.judge else "accuracy % (the answer's keywords)"
+        title, xlabel = "NIAH accuracy vs memory size", "memory budget (tokens)"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in _labels(config):
+        for s in _systems(config):
+            points = _curve(_select(records, task=t, system=s), metric)
+            if points:
+                xs, ys = zip(*points, strict=True)
+                label = f"{t} {s}" if len(config.tasks) > 1 else s
+                ax.plot(xs, [100 * y for y in ys], marker="o", label=label, clip_on=False)
+    ax.set_ylim(0, 100)  # a rate: 100% is the top, whatever the points reach
+    ax.set(title=title, xlabel=xlabel, ylabel=shown)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "accuracy_vs_context.png", plt)
+
+
+Points = list[tuple[int, float]]  # (memory tokens, seconds)
+
+
+def latency_points(
+    records: list[dict[str, Any]], prefills: list[dict[str, Any]]
+) -> dict[str, tuple[Points, Points]]:
+    """Per system, (memory tokens, seconds) of its first read of each memory (cold: caches still
+    filling) and of its later reads. A record without the memory's size (an agent whose
+    controller never searched) takes it from the memory's build in `prefills`; a record with
+    neither is left out."""
+    built = {(p["task"], p["source"], p["model"]): p["tokens"] for p in prefills}
+    points: dict[str, tuple[Points, Points]] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for r in records:
+        size, seconds = _memory_tokens(r, built), (r.get("timings") or {}).get("total_s")
+        if size is None or seconds is None:
+            continue
+        cold, warm = points.setdefault(r["system"], ([], []))
+        key = (r["task"], r["system"], r.get("source"))
+        (warm if key in seen else cold).append((size, seconds))
+        seen.add(key)
+    return points
+
+
+def _latency_vs_memory(config: Config, records: list[dict[str, Any]], out: Path, plt: Any) -> Path:
+    from .run import load_prefills
+
+    points = latency_points(records, load_prefills(out))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ys_all: list[float] = []
+    for i, s in enumerate(_systems(config)):
+        colour = f"C{i % 10}"
+        cold, warm = points.get(s, ([], []))
+        for shown, filled, when in ((cold, False, "first read"), (warm, True, "later reads")):
+            if shown:
+                xs, ys = zip(*shown, strict=True)
+                ys_all += ys
+                face = colour if filled else "none"
+                ax.scatter(xs, ys, s=14, facecolors=face, edgecolors=colour, label=f"{s}, {when}")
+    if ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 100:
+        ax.set_yscale("log")
+    if not ys_all:
+        ax.text(0.5, 0.5, "no record gives a memory size", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=7)
+    ax.set(title="Read latency vs memory size", xlabel="memory tokens (the reader's own)")
+    ax.set_ylabel("seconds per question" if any(r.get("trace") for r in records) else "seconds per read")
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "latency_vs_memory.png", plt)
+
+
+def _memory_tokens(r: dict[str, Any], built: dict[tuple[Any, Any, Any], int]) -> int | None:
+    size = (r.get("tokens") or {}).get("memory")
+    if size:
+        return int(size)
+    for model in _built_by(r.get("model")):
+        if (r["task"], r.get("source"), model) in built:
+            return built[(r["task"], r.get("source"), model)]
+    return None
 
 
 def _accuracy_vs_seconds(config: Config, records: list[dict[str, Any]], out: Path, plt: Any) -> Path:
@@ -525,8 +584,12 @@ def _accuracy_vs_seconds(config: Config, records: list[dict[str, Any]], out: Pat
         ax.scatter([x], [y], s=30)
         ax.annotate(s, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("seconds per question (snapshot build amortised)")
-    ax.set_ylabel("LoCoMo F1 %, categories 1-4")
+    ax.set_ylim(0, 100)
+    ax.set(
+        title="Answer quality vs cost per question",
+        xlabel="seconds per question (snapshot build amortised)",
+        ylabel="LoCoMo F1 %, categories 1-4",
+    )
     ax.grid(alpha=0.3)
     return _save(fig, out / "accuracy_vs_seconds.png", plt)
 

@@ -11,6 +11,10 @@ Everything that can be checked before the run starts (the config, the annotation
 memory file the selected examples need) is checked first: bad input fails before a results file
 exists. An engine failure (an unreachable endpoint) is not recorded, so a rerun retries it; a
 memory that does not fit a model's context is a recorded outcome and counts as a miss.
+
+Local models run in the calling thread, so that Ctrl-C (KeyboardInterrupt) lands at once, in a
+prefill too; remote ones in daemon threads, which an interrupt stops at their next example and
+never waits on long. Either way the journal keeps what finished and a partial report is written.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import json
 import re
 import shutil
 import sys
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +67,13 @@ def run_eval(
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> Outcome:
-    """Run every (task, system, example) of `config` not yet in `out`, then write the report."""
+    """Run every (task, system, example) of `config` not yet in `out`, then write the report.
+
+    An interrupt (Ctrl-C: KeyboardInterrupt) stops the run within moments: what is finished stays
+    in the journal, a partial report is written, and the KeyboardInterrupt goes on to the caller.
+    `progress=False` shows no progress (else a bar on a terminal, lines in a log, see
+    `linmem.progress`)."""
+    from .report import write_report
     from .tasks import load_task
 
     say = echo or (lambda _msg: None)
@@ -73,10 +84,8 @@ def run_eval(
         _prefetch_memories(task, examples)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(config.text, encoding="utf-8")
-    results = out / RESULTS
-    done = finished(results)
+    done = finished(out / RESULTS)
     outcome = Outcome(out=out)
-    jobs = []
     # Examples a system leaves out by its own `limit` are never run (nor counted as skipped).
     beyond = {
         (tc.label, s.name, e.id)
@@ -85,36 +94,90 @@ def run_eval(
         if s.limit
         for e in examples[s.limit :]
     }
-    outcome.skipped = sum(
-        (tc.label, s.name, e.id) in done - beyond
-        for tc, _, examples in plan
-        for e in examples
-        for s in config.systems
-    )
+    keys = {(tc.label, s.name, e.id) for tc, _, examples in plan for e in examples for s in config.systems}
+    outcome.skipped = len(keys & (done - beyond))
     done |= beyond
-    todo_n = 0
+    jobs = []
     for tc, task, examples in plan:
         todo = [e for e in examples if any((tc.label, s.name, e.id) not in done for s in config.systems)]
-        todo_n += sum((tc.label, s.name, e.id) not in done for e in examples for s in config.systems)
         for source, group in _by_source(todo).items():
             jobs.append((tc, task, source, group))
-    writer = Appender(results)
-    bar = _bar(todo_n, progress)
-    evaluator = Evaluator(config, out / "home", done, writer, bar=bar, prefills=Appender(out / PREFILLS))
+    todo_n = len(keys - done)
+    say(f"{todo_n} results to run, {outcome.skipped} already in {out / RESULTS}")
+    evaluator = Evaluator(config, out / "home", done, out, progress=_progress(todo_n, progress))
     workers = config.run.get("concurrency", 4) if _all_remote(config) else 1
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for result in pool.map(lambda job: evaluator.run_group(*job), jobs):
-            outcome.written += result[0]
-            outcome.failed += result[1]
-    writer.close()
-    evaluator.prefills.close()
-    if bar is not None:
-        bar.close()
-    from .report import write_report
-
+    try:
+        _run_jobs(evaluator, jobs, workers)
+    except KeyboardInterrupt:
+        evaluator.close()
+        outcome.written, outcome.failed = evaluator.written, evaluator.failed
+        have, want = len(keys & finished(out / RESULTS)), len(keys - beyond)
+        write_report(config, out, status=f"Interrupted: {have} of {want} results; rerun to resume.")
+        say(
+            f"interrupted: {outcome.written} results written ({have} of {want} there), "
+            f"partial report in {out / 'report.md'}; rerun the same command to resume"
+        )
+        raise
+    finally:
+        evaluator.close()
+    outcome.written, outcome.failed = evaluator.written, evaluator.failed
     write_report(config, out)
     say(f"{outcome.written} results written, {outcome.skipped} already there, {outcome.failed} failed")
     return outcome
+
+
+# After an interrupt, how long worker threads get to finish the example in hand (their reads of a
+# remote model may take minutes: they are left behind, as daemon threads, after that).
+GRACE_S = 3.0
+
+
+def _run_jobs(evaluator: Evaluator, jobs: list[tuple[Any, ...]], workers: int) -> None:
+    """Run `jobs` (run_group's arguments): in this thread when one worker runs them (local models),
+    so that an interrupt lands at once, even in a prefill; else in `workers` daemon threads that
+    stop at the next example once `evaluator.stop` is set, and never hold the process at exit.
+    A worker's error (a bug) is raised here."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            evaluator.run_group(*job)
+        return
+    queue = iter(jobs)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not evaluator.stop.is_set():
+            with lock:
+                job = next(queue, None)
+            if job is None:
+                return
+            try:
+                evaluator.run_group(*job)
+            except BaseException as e:  # noqa: BLE001 (handed to the main thread)
+                errors.append(e)
+                evaluator.stop.set()
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(jobs)))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        evaluator.stop.set()
+        deadline = time.monotonic() + GRACE_S
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        raise
+    if errors:
+        raise errors[0]
+
+
+def _progress(total: int, show: bool | None) -> Any:
+    if show is False or total == 0:
+        return None
+    from .. import progress
+
+    return progress.Task("eval", total, "results")
 
 
 def batch_size(config: Config) -> int:
@@ -126,19 +189,12 @@ def batch_size(config: Config) -> int:
 
 
 def select(task: Task, limit: int | None) -> list[Example]:
-    """The examples to run: all, or the first `limit` of each group (each context length, budget
-    or other first type label for synthetic tasks; the whole task for QA)."""
+    """The examples to run: all, or the first `limit` of the task, in its order (for M3-Bench,
+    the first video's first questions; for a synthetic task, the smallest context first)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise BadInput(f"--limit must be a positive integer, found {limit!r}")
     examples = list(task)
-    if limit is None:
-        return examples
-    counts: dict[str, int] = defaultdict(int)
-    chosen = []
-    for e in examples:
-        group = "" if e.kind == "qa" else (e.types[0] if e.types else "")
-        if counts[group] < limit:
-            counts[group] += 1
-            chosen.append(e)
-    return chosen
+    return examples if limit is None else examples[:limit]
 
 
 def finished(results: Path) -> set[tuple[str, str, str]]:
@@ -191,51 +247,74 @@ def _all_remote(config: Config) -> bool:
 
 
 class Evaluator:
-    """Runs the examples of one source for every system, on a memory that only grows."""
+    """Runs the examples of one source for every system, on a memory that only grows, and writes
+    their records to OUT's journals; `stop` ends every `run_group` at its next example."""
 
     def __init__(
-        self,
-        config: Config,
-        home: Path,
-        done: set[tuple[str, str, str]],
-        writer: Appender,
-        *,
-        bar: Any,
-        prefills: Appender,
+        self, config: Config, home: Path, done: set[tuple[str, str, str]], out: Path, *, progress: Any
     ):
         self.config = config
         self.home = home
         self.done = done
-        self.writer = writer
-        self.bar = bar
-        self.prefills = prefills
+        self.writer = Appender(out / RESULTS)
+        self.prefills = Appender(out / PREFILLS)
+        self.progress = progress
+        self.stop = threading.Event()
+        self.written = self.failed = 0
         self._judge: Any = None
+        # Worker threads count and write under it; once closed, a straggler's record is dropped
+        # (its example is redone by the next run), never written to a closed file.
+        self._lock = threading.Lock()
+        self._closed = False
 
-    def run_group(self, tc: TaskConfig, task: Task, source: str, examples: list[Example]) -> tuple[int, int]:
-        written = failed = 0
+    def run_group(self, tc: TaskConfig, task: Task, source: str, examples: list[Example]) -> None:
         memory = open_memory(_memory_name(tc.label, source), home=self.home, create=True)
         try:
             for _, batch in _by_upto(examples):
                 _ensure(memory, task.memory(batch[0]))
                 for system in self.config.systems:
                     todo = [e for e in batch if (tc.label, system.name, e.id) not in self.done]
-                    if todo:
+                    if todo and not self.stop.is_set():
                         self._prepare(tc, memory, system, source)
                     for chunk in self._chunks(todo, system):
+                        if self.stop.is_set():
+                            return
                         for record in self._many(tc, task, memory, system, chunk):
-                            if record is None:
-                                failed += 1
-                            else:
-                                self.writer.write(record)
-                                written += 1
-                            if self.bar is not None:
-                                self.bar.update(1)
+                            self._finish(record)
         finally:
             memory.close()
             # A memory assembled for one synthetic example is never read again: free its disk.
             if all(e.source == e.id for e in examples):
                 shutil.rmtree(memory.path, ignore_errors=True)
-        return written, failed
+
+    def _finish(self, record: dict[str, Any] | None) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if record is None:
+                self.failed += 1
+            else:
+                self.writer.write(record)
+                self.written += 1
+            if self.progress is not None:
+                self.progress.step()
+
+    def _write_prefill(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            if not self._closed:
+                self.prefills.write(record)
+
+    def close(self) -> None:
+        """Stop the run and close the journals (the progress bar too)."""
+        self.stop.set()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.writer.close()
+            self.prefills.close()
+            if self.progress is not None:
+                self.progress.close()
 
     def _prepare(self, tc: TaskConfig, memory: Memory, system: SystemConfig, source: str) -> None:
         """Build what the system's reader keeps of this memory (an LM's snapshot, an embedder's
@@ -250,7 +329,7 @@ class Evaluator:
             # Keyed by what was built: a snapshot is the LM's, vectors are the embedder's (and
             # shared with every reader of that embedder, the hybrid's dense half included).
             embedder = getattr(reader, "embedder", None)
-            self.prefills.write(
+            self._write_prefill(
                 {
                     "task": tc.label,
                     "system": system.name,
@@ -398,14 +477,6 @@ def tokens_under_budget(engine: Any, budget_bytes: float) -> int:
     if per_token <= 0:
         return int(limit) if budget_bytes >= constant else 0
     return int(max(0, min(limit, (budget_bytes - constant) // per_token)))
-
-
-def _bar(total: int, progress: bool | None) -> Any:
-    if progress is False or (progress is None and not sys.stderr.isatty()) or total == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="ex", desc="eval")
 
 
 __all__ = [

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from .. import progress
 from ..embedders import Embedder, load_embedder
 from ..errors import BadInput, EmptyMemory, EngineError, LinmemError
 from ..log import Log, LogState
@@ -47,8 +48,9 @@ log = logging.getLogger(__name__)
 # for text-embedding-3-large (M3-Agent's 0.5) would often return nothing; top_k does the cutting.
 DEFAULT_TOP_K = 3
 DEFAULT_THRESHOLD = 0.0
-# Embed and persist in chunks so a long first build survives an interruption half-way.
-_EMBED_CHUNK = 4096
+# Embed and persist this many lines at a time, so that a long first build survives an
+# interruption half-way and its progress bar moves every few seconds.
+_EMBED_STEP = 512
 
 
 class EmbeddingReader:
@@ -334,24 +336,40 @@ class VectorIndex:
         return self._persist(lambda: cache.drop_except(present))
 
     def _add(self, items: Sequence[Item]) -> _Work:
-        """Add items to the vectors: from the disk cache when a valid row exists, else embedded."""
-        items = [i for i in items if i.id is not None]
-        work = _Work()
-        for i in range(0, len(items), _EMBED_CHUNK):
-            work = work.plus(self._add_chunk(items[i : i + _EMBED_CHUNK]))
-        return work
+        """Add items to the vectors, in their order: from the disk cache when a valid row exists,
+        else embedded.
 
-    def _add_chunk(self, items: Sequence[Item]) -> _Work:
+        The lines to embed go longest first, as one job (one progress bar) cut into steps that
+        are each saved to the cache: a padded batch then holds lines of about one length, across
+        the whole job rather than within each step (the vectors match a line embedded alone to
+        float rounding, whatever its neighbours).
+        """
+        items = [i for i in items if i.id is not None]
         vectors, cache = self._vectors, self._cache
         assert vectors is not None and cache is not None
+        if not items:
+            return _Work()
         found: dict[int, CacheRow] = {}
         work = self._persist(lambda: found.update(cache.rows(items)))
-        missing = [i for i in items if i.id not in found]
-        embedded, embed_s = self._embed(missing)
-        vectors.append(items, [found.get(_id(i)) or embedded[_id(i)] for i in items])
-        if embedded:
-            work = work.plus(self._persist(lambda: cache.put(embedded.values())))
-        return work.plus(_Work(tokens=sum(r.tokens for r in embedded.values()), embed_s=embed_s))
+        missing = sorted((i for i in items if i.id not in found), key=lambda i: -len(i.text))
+        if missing:
+            label = f"embedding {len(missing)} lines ({self.embedder.id})"
+            with progress.task(label, len(missing), "lines") as task:
+                for lo in range(0, len(missing), _EMBED_STEP):
+                    step = missing[lo : lo + _EMBED_STEP]
+                    embedded, done = self._embed_and_save(step)
+                    found |= embedded
+                    work = work.plus(done)
+                    task.step(len(step))
+        vectors.append(items, [found[_id(i)] for i in items])
+        return work
+
+    def _embed_and_save(self, items: Sequence[Item]) -> tuple[dict[int, CacheRow], _Work]:
+        cache = self._cache
+        assert cache is not None
+        embedded, embed_s = self._embed(items)
+        work = self._persist(lambda: cache.put(embedded.values()))
+        return embedded, work.plus(_Work(tokens=sum(r.tokens for r in embedded.values()), embed_s=embed_s))
 
     def _embed(self, items: Sequence[Item]) -> tuple[dict[int, CacheRow], float | None]:
         if not items:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import prompts, render
+from .. import progress, prompts, render
 from ..engines import load_engine
 from ..engines.base import BatchedEngine, Generation, Prompt, StatefulEngine
 from ..errors import ContextOverflow, EmptyMemory, EngineError, LinmemError
@@ -279,7 +279,8 @@ class LMReader:
         base, stem_new = self._after_stem(snap, prompt.stem, stem)
         t2 = time.perf_counter()
         cache = engine.fork(base)
-        logits = engine.advance(cache, tail)
+        with progress.task("reading the question", len(tail), "tok") as task:
+            logits = engine.advance(cache, tail, progress=task.step)
         t3 = time.perf_counter()
         out = engine.greedy(cache, logits, max_new)
         t4 = time.perf_counter()
@@ -328,7 +329,7 @@ class LMReader:
         self, ask: _Ask, prompt: Prompt, max_new: int, items: list[Item]
     ) -> tuple[Generation, list[str]]:
         """Read the memory in consecutive windows that fit, then combine the windows' answers."""
-        windows = self._pack_windows(prompt, max_new)
+        windows, memory_tokens = self._pack_windows(prompt, max_new)
         answers: list[tuple[str, str]] = []
         total = Generation("", 0, 0, 0, 0, 0.0, None, 0.0)
         for lo, hi in windows:
@@ -343,17 +344,30 @@ class LMReader:
             ]
             merged = [c for row in _round_robin(lists) for c in row]
             text = ", ".join(f"CLIP {c}" for c in dict.fromkeys(merged))
-            return _add(total, Generation(text, None, 0, 0, 0)), [f"read in {len(windows)} windows"]
-        final = self.engine.generate(prompts.combine_prompt(answers, ask.query), max_new_tokens=max_new)
-        return _add(total, final), [f"read in {len(windows)} windows"]
+            final = Generation(text, None, 0, 0, 0)
+        else:
+            final = self.engine.generate(prompts.combine_prompt(answers, ask.query), max_new_tokens=max_new)
+        # The windows repeat the prompt's head and the combining step reads their answers: summed,
+        # those would overstate the memory. It is the memory's own tokens, counted once.
+        return replace(_add(total, final), memory_tokens=memory_tokens), [f"read in {len(windows)} windows"]
 
-    def _pack_windows(self, prompt: Prompt, max_new: int) -> list[tuple[int, int]]:
+    def _pack_windows(self, prompt: Prompt, max_new: int) -> tuple[list[tuple[int, int]], int]:
+        """Consecutive item ranges that each fit the context with the prompt's fixed part and the
+        tokens to generate, and the memory's tokens (as a whole read would count them)."""
         if self.context_length is None:
             raise EngineError(
                 f"{self.model_id}: windowed reading needs a known context length (context_length=)"
             )
-        counts, fixed = self._segment_tokens(prompt)
+        counts, fixed, memory = self._segment_tokens(prompt)
         budget = self.context_length - fixed - max_new
+        if budget <= 0:
+            raise ContextOverflow(
+                f"a window holds no memory: the prompt without memory is {fixed} tokens plus {max_new} "
+                f"to generate, and {self.model_id}'s context is {self.context_length} tokens; raise "
+                f"--context-length to at least {fixed + max_new + max(counts, default=1)}",
+                needed=fixed + max_new + max(counts, default=1),
+                limit=self.context_length,
+            )
         windows, lo, used = [], 0, 0
         for i, n in enumerate(counts):
             if n > budget:
@@ -367,14 +381,15 @@ class LMReader:
                 lo, used = i, 0
             used += n
         windows.append((lo, len(counts)))
-        return windows
+        return windows, memory
 
-    def _segment_tokens(self, prompt: Prompt) -> tuple[list[int], int]:
-        """Tokens per memory segment, and tokens of the rest of the prompt."""
+    def _segment_tokens(self, prompt: Prompt) -> tuple[list[int], int, int]:
+        """Tokens per memory segment, tokens of the rest of the prompt, and the memory's tokens as a
+        whole read counts them (with its head, for an engine that snapshots it)."""
         if isinstance(self.engine, StatefulEngine):
             head, segs = self.engine.memory_ids(prompt)
             fixed = len(head) + len(self.engine.stem_ids(prompt)) + len(self.engine.tail_ids(prompt))
-            return [len(s) for s in segs], fixed
+            return [len(s) for s in segs], fixed, len(head) + sum(len(s) for s in segs)
         empty = replace(prompt, memory=[])
         whole, fixed = self.engine.count_tokens(prompt), self.engine.count_tokens(empty)
         if whole is None or fixed is None:
@@ -384,7 +399,7 @@ class LMReader:
         # The server counts the whole prompt only; share its memory tokens out by characters,
         # with a 10% margin for segments that tokenise denser than average.
         per_char = (whole - fixed) / max(1, len(prompt.memory_text))
-        return [math.ceil(len(s) * per_char * 1.1) + 1 for s in prompt.memory], fixed
+        return [math.ceil(len(s) * per_char * 1.1) + 1 for s in prompt.memory], fixed, whole - fixed
 
 
 @dataclass(frozen=True)

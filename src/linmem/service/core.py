@@ -9,10 +9,14 @@ budget, least recently used out first, and are reloaded from disk when needed ag
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import importlib
 import ipaddress
 import logging
 import os
+import re
+import sys
 import threading
 import time
 import weakref
@@ -49,6 +53,10 @@ class Conflict(LinmemError):
 
 class TooLarge(LinmemError):
     code = "too_large"
+
+
+class MissingExtra(LinmemError):
+    code = "missing_extra"
 
 
 class NoSuchItem(NoSuchMemory):
@@ -375,6 +383,19 @@ def load_token(token_file: str | Path | None = None) -> str | None:
     return token
 
 
+def require_serve_extra(command: str, modules: Sequence[str]) -> None:
+    """Refuse `command` at once, naming the extra to install, when one of `modules` is missing:
+    FastAPI, uvicorn and the MCP SDK are the `serve` extra, not dependencies of the library."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            raise MissingExtra(
+                f"{command} needs the serve extra (FastAPI, uvicorn and the MCP SDK), and module "
+                f"{e.name or module!r} is not installed: pip install 'linmem[serve]'"
+            ) from None
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` (an address, bracketed IPv6 allowed, or "localhost") is this machine only."""
     try:
@@ -391,6 +412,59 @@ def check_exposure(host: str, token: str | None) -> None:
             f"refusing to serve on {host!r} without a token: set $LINMEM_API_KEY or pass --token-file, "
             "or listen on 127.0.0.1"
         )
+
+
+# An absolute POSIX path: a slash not inside a word, a URL or a relative path, up to a character
+# that ends a path in a message (space, quote, comma, colon, bracket), less a sentence's full stop.
+_PATH_END = r"[\s'\"`,;:()<>\[\]]"
+_PATH_CHARS = r"[^\s'\"`,;:()<>\[\]]"
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w/.~<>-])/(?!/){_PATH_CHARS}+(?<!\.)")
+
+
+def redact(message: str, home: Path) -> str:
+    """`message` as a client may see it: the server's home folder shown as `<home>` (a memory's
+    files are still named within it) and any other absolute path as `<path>`. Where the server
+    keeps its files is no business of a client, and a path can carry a user name."""
+    for form in sorted({str(home.absolute()), str(home.resolve())}, key=len, reverse=True):
+        message = re.sub(re.escape(form) + rf"(?=/|\.?(?:{_PATH_END}|$))", "<home>", message)
+    return _ABSOLUTE_PATH.sub("<path>", message)
+
+
+# In-flight requests get this long to finish once a server is told to stop; then they are
+# cancelled (a read's thread is abandoned). Every write is committed before it is acknowledged,
+# so a cancelled request loses nothing an answer promised.
+SHUTDOWN_GRACE_S = 1
+
+
+def run_server(app: Any, *, host: str, port: int, log_level: str, banner: Callable[[str], str]) -> None:
+    """Serve the ASGI `app` with uvicorn until SIGINT or SIGTERM. Once it listens, print
+    `banner(url)` on stderr, with the port bound (`port` 0 picks a free one)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                bound = self.servers[0].sockets[0].getsockname()[1]
+                print(banner(f"http://{_url_host(host)}:{bound}"), file=sys.stderr, flush=True)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)  # fmt: skip
+    # uvicorn stops on the first SIGINT, then raises it again: the KeyboardInterrupt is the stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        Server(config).run()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def auth_mode(token: str | None) -> str:
+    """How a server admits clients, in words for its banner (without a token it listens only on
+    loopback: `check_exposure`)."""
+    if token is not None:
+        return "auth: bearer token required"
+    return "auth: none, open to every program on this machine"
 
 
 # The most one item may take as stored (text, time, source and meta's JSON, UTF-8) over HTTP and MCP.

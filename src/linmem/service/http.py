@@ -2,16 +2,18 @@
 
 Before any route runs, one ASGI guard checks the bearer token and the body size, so a refused
 request never reaches a handler and an oversized body is never parsed. Every error is the JSON
-object ``{"error": {"code", "message"}}`` with the library's stable codes. Routes are plain
-functions, which FastAPI runs in its thread pool: the `Service` serialises writes to a memory,
-runs reads concurrently and batches questions that arrive together.
+object ``{"error": {"code", "message"}}`` with the library's stable codes, its message without
+the server's paths (`redact`; the log keeps them). Routes are plain functions, which FastAPI
+runs in its thread pool: the `Service` serialises writes to a memory, runs reads concurrently
+and batches questions that arrive together.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 import anyio
@@ -19,7 +21,8 @@ import anyio.to_thread
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,12 +39,17 @@ from .core import (
     Allowed,
     NoSuchItem,
     Service,
+    auth_mode,
     bearer_ok,
     check_exposure,
     check_items,
     is_loopback,
     load_token,
+    redact,
+    run_server,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8 * 2**20
 
@@ -78,7 +86,7 @@ _OPTIONS = {"lm": LM_OPTIONS, "embedding": EMBEDDING_OPTIONS, "hybrid": HYBRID_O
 
 class ErrorDetail(BaseModel):
     code: str = Field(examples=["no_such_memory"])
-    message: str = Field(examples=["no memory named 'x' in /srv/linmem (existing: none yet)"])
+    message: str = Field(examples=["no memory named 'x' in <home> (existing: none yet)"])
 
 
 class ErrorBody(BaseModel):
@@ -137,19 +145,39 @@ class _ReadRequest(_Body):
         return given
 
 
-class AskRequest(_ReadRequest):
-    query: str = Field(min_length=1)
+class _Question(_ReadRequest):
+    """A read's question, under either name: clients written against `linmem ask` say query,
+    those thinking of the agent say question, and every read route takes both."""
+
+    query: str | None = Field(None, min_length=1, description="the question (or give it as question)")
+    question: str | None = Field(None, min_length=1, description="the same as query")
+
+    @model_validator(mode="after")
+    def _one_question(self) -> Self:
+        if self.query is None and self.question is None:
+            raise PydanticCustomError("missing", "query (or question) is required")
+        if None not in (self.query, self.question) and self.query != self.question:
+            raise PydanticCustomError("ambiguous", "query and question differ: give one of them")
+        return self
+
+    @property
+    def text(self) -> str:
+        text = self.query if self.query is not None else self.question
+        assert text is not None  # _one_question
+        return text
 
 
-class RankRequest(_ReadRequest):
+class AskRequest(_Question):
+    pass
+
+
+class RankRequest(_Question):
     # Search defaults to the hybrid reader: milliseconds, no model to load.
     backend: Literal["lm", "embedding", "hybrid"] = "hybrid"
-    query: str = Field(min_length=1)
     k: int = Field(5, ge=1, le=MAX_K)
 
 
-class AgentRequest(_ReadRequest):
-    question: str = Field(min_length=1)
+class AgentRequest(_Question):
     controller: str | None = Field(
         None, description="the controller's LM spec (needed by policy m3), one the server allows"
     )
@@ -184,7 +212,7 @@ def create_app(
     app.add_middleware(
         _Guard, token=token, max_bytes=max_request_bytes, loopback=host is not None and is_loopback(host)
     )
-    _add_error_handlers(app)
+    _add_error_handlers(app, service.home)
     _memory_routes(app, service)
     _item_routes(app, service, max_item_bytes)
     _read_routes(app, service)
@@ -200,15 +228,20 @@ def serve(
     ram_budget: int | None = DEFAULT_RAM_BUDGET,
     allowed: Allowed | None = None,
 ) -> None:
-    """Run the API with uvicorn until interrupted. The token comes from `token_file`, else
+    """Run the API with uvicorn until SIGINT or SIGTERM, printing its URL, home and auth mode on
+    stderr once it listens (`port` 0: a free one). The token comes from `token_file`, else
     `$LINMEM_API_KEY`; without one, only a loopback `host` is allowed. Requests may use only the
-    models and embedders in `allowed`."""
+    models and embedders in `allowed`. Stopping takes about a second: requests still running
+    then are cancelled (`SHUTDOWN_GRACE_S`)."""
     token = load_token(token_file)
     check_exposure(host, token)
-    import uvicorn
+    service = Service(home, ram_budget=ram_budget, allowed=allowed)
+    app = create_app(service, token=token, host=host)
 
-    app = create_app(Service(home, ram_budget=ram_budget, allowed=allowed), token=token, host=host)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    def banner(url: str) -> str:
+        return f"linmem serve: {url} (home {service.home}; {auth_mode(token)}; Ctrl+C stops)"
+
+    run_server(app, host=host, port=port, log_level="info", banner=banner)
 
 
 def _memory_routes(app: FastAPI, service: Service) -> None:
@@ -218,7 +251,7 @@ def _memory_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/v1/memories", tags=["memories"])
     def list_memories() -> dict[str, Any]:
-        return {"memories": service.memories()}
+        return {"memories": [_without_paths(m, service.home) for m in service.memories()]}
 
     @app.post("/v1/memories", status_code=201, tags=["memories"])
     def create_memory(body: CreateRequest) -> dict[str, Any]:
@@ -232,6 +265,14 @@ def _memory_routes(app: FastAPI, service: Service) -> None:
     def delete_memory(name: str) -> dict[str, Any]:
         service.delete(name)
         return {"name": name, "deleted": True}
+
+
+def _without_paths(summary: dict[str, Any], home: Path) -> dict[str, Any]:
+    """A memory's summary as a client sees it: a damaged one's error without the server's paths."""
+    error = summary.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return summary
+    return {**summary, "error": {**error, "message": redact(error["message"], home)}}
 
 
 def _item_routes(app: FastAPI, service: Service, max_item_bytes: int) -> None:
@@ -269,20 +310,21 @@ def _read_routes(app: FastAPI, service: Service) -> None:
     async def in_read_thread(call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if not limiter:
             limiter.append(anyio.CapacityLimiter(READ_THREADS))
-        return await anyio.to_thread.run_sync(call, limiter=limiter[0])
+        # Abandoned when the request is cancelled (a server stopping), so no read holds up the stop.
+        return await anyio.to_thread.run_sync(call, limiter=limiter[0], abandon_on_cancel=True)
 
     @app.post("/v1/memories/{name}/ask", tags=["reads"])
     async def ask(name: str, body: AskRequest) -> dict[str, Any]:
         options = body.options()
         return await in_read_thread(
-            lambda: service.ask(name, body.query, backend=body.backend, **options).to_dict()
+            lambda: service.ask(name, body.text, backend=body.backend, **options).to_dict()
         )
 
     @app.post("/v1/memories/{name}/rank", tags=["reads"])
     async def rank(name: str, body: RankRequest) -> dict[str, Any]:
         options = body.options()
         return await in_read_thread(
-            lambda: service.rank(name, body.query, body.k, backend=body.backend, **options).to_dict()
+            lambda: service.rank(name, body.text, body.k, backend=body.backend, **options).to_dict()
         )
 
     @app.post("/v1/memories/{name}/agent", tags=["reads"])
@@ -291,7 +333,7 @@ def _read_routes(app: FastAPI, service: Service) -> None:
         return await in_read_thread(
             lambda: service.agent(
                 name,
-                body.question,
+                body.text,
                 controller=body.controller,
                 policy=body.policy,
                 rounds=body.rounds,
@@ -305,10 +347,13 @@ def error_response(code: str, message: str, headers: Mapping[str, str] | None = 
     return JSONResponse({"error": {"code": code, "message": message}}, STATUS.get(code, 400), headers)
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    async def linmem_error(_: Request, e: Exception) -> JSONResponse:
+def _add_error_handlers(app: FastAPI, home: Path) -> None:
+    async def linmem_error(request: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, LinmemError)
-        return error_response(e.code, str(e))
+        message = redact(str(e), home)
+        if message != str(e):  # the server's log keeps what the client's copy leaves out
+            log.warning("%s %s: %s: %s", request.method, request.url.path, e.code, e)
+        return error_response(e.code, message)
 
     async def http_error(_: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, HTTPException)

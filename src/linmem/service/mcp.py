@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -50,10 +51,13 @@ from .core import (
     Allowed,
     Conflict,
     Service,
+    auth_mode,
     bearer_ok,
     check_exposure,
     check_items,
     load_token,
+    redact,
+    run_server,
 )
 
 ENV_BACKEND = "LINMEM_MCP_BACKEND"
@@ -215,18 +219,23 @@ LIST_DOC = "List the memories on this server, each with its number of items."
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 
-def _tool_errors(fn: _F) -> _F:
-    """Report a linmem error as a tool error (`code: message`) for the model to read; anything else
-    is a crash, which the SDK reports without its text."""
+def _tool_errors(fn: _F, home: Path) -> _F:
+    """Report a linmem error as a tool error (`code: message`) for the model to read, without the
+    server's paths (the log keeps them); anything else is a crash, which the SDK reports without
+    its text."""
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except LinmemError as e:
-            raise ToolError(f"{e.code}: {e}") from e
+            message = redact(str(e), home)
+            if message != str(e):
+                log.warning("%s: %s: %s", fn.__name__, e.code, e)
+            raise ToolError(f"{e.code}: {message}") from e
 
     return call  # type: ignore[return-value]
 
@@ -291,7 +300,8 @@ def build_server(
         (memory_search, ToolAnnotations(read_only_hint=True), SEARCH_DOC),
         (memory_list, ToolAnnotations(read_only_hint=True), LIST_DOC),
     ):
-        server.add_tool(_tool_errors(fn), name=fn.__name__, description=description, annotations=hints)
+        tool = _tool_errors(fn, service.home)
+        server.add_tool(tool, name=fn.__name__, description=description, annotations=hints)
     return server
 
 
@@ -333,8 +343,9 @@ def run(
     allow_embedders: Sequence[str] = (),
 ) -> None:
     """Serve MCP until stopped: on stdin/stdout (`stdio`, what desktop clients launch) or as
-    streamable HTTP at http://HOST:PORT/mcp (`http`). Over HTTP a bearer token (from `token_file`,
-    else $LINMEM_API_KEY) is required when one is configured, and always on a non-loopback host.
+    streamable HTTP at http://HOST:PORT/mcp (`http`, its URL printed on stderr once it listens;
+    `port` 0 picks a free one). Over HTTP a bearer token (from `token_file`, else
+    $LINMEM_API_KEY) is required when one is configured, and always on a non-loopback host.
     `backend` and `model` set the default reader (else $LINMEM_MCP_BACKEND, $LINMEM_MCP_MODEL)."""
     if transport not in ("stdio", "http"):
         raise BadInput(f"unknown transport {transport!r}: expected 'stdio' or 'http'")
@@ -351,15 +362,17 @@ def run(
         allow_models,
         allow_embedders,
     )
-    server = build_server(
-        Service(home, allowed=allowed), default_backend=default_backend, default_model=default_model
-    )
-    if transport == "stdio":
+    service = Service(home, allowed=allowed)
+    server = build_server(service, default_backend=default_backend, default_model=default_model)
+    if transport == "stdio":  # stdout is the protocol's: nothing else may be printed there
         anyio.run(_serve_stdio, server)
         return
-    import uvicorn
 
-    uvicorn.run(http_app(server, host=host, token=token), host=host, port=port, log_level="warning")
+    def banner(url: str) -> str:
+        return f"linmem mcp: {url}{HTTP_PATH} (home {service.home}; {auth_mode(token)}; Ctrl+C stops)"
+
+    app = http_app(server, host=host, token=token)
+    run_server(app, host=host, port=port, log_level="warning", banner=banner)
 
 
 async def _serve_stdio(server: MCPServer) -> None:

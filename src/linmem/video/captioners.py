@@ -58,6 +58,9 @@ def load_captioner(spec: str | None = None) -> Captioner:
     if parsed.scheme == "openai":
         return OpenAICaptioner(parsed.target)
     if parsed.scheme == "hf":
+        from ..engines import check_local_path
+
+        check_local_path(parsed.target, "--captioner hf:/path/to/dir")
         return HFCaptioner.load(parsed.target)
     if parsed.target != "qwen3.5-vl":  # the only tiny model with a vision tower
         raise CAPTIONER_FORMS.refuse(spec)
@@ -127,8 +130,9 @@ class HFCaptioner:
             target,
             AutoModelForImageTextToText,
             AutoImageProcessor,
-            hint="point at a local copy with --captioner hf:/path/to/dir, or use an endpoint: "
-            "--captioner openai:URL#MODEL",
+            hint="point at a local copy with --captioner hf:/path/to/dir, use an endpoint: "
+            "--captioner openai:URL#MODEL, or try the pipeline with a random-weights model: "
+            "--captioner tiny:qwen3.5-vl",
         )
         return cls(model, tokenizer, images, id=f"hf:{target}")
 

@@ -78,6 +78,11 @@ def _parse(line: str, source: str) -> Item:
     obj = parse_json(line)
     if not isinstance(obj, dict):
         raise BadInput(f"expected a JSON object, found {type(obj).__name__}")
+    if "text" in obj and "caption" not in obj:
+        raise BadInput(
+            "this is a memory item ('text'), not a clip caption ('clip', 'caption'): "
+            "write items with `linmem write NAME FILE`"
+        )
     for name in ("clip", "caption"):
         if name not in obj:
             raise BadInput(f"missing field {name!r}")
