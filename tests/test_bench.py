@@ -101,14 +101,15 @@ def test_load_check_measures_and_warns() -> None:
     assert said == []
 
 
-def _measured(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stand-ins for the slow sections (minutes of tiny models, subprocesses and kernels), so
-    that the command's assembly, flags and output are what runs."""
+def _result() -> dict:
+    """A run's figures as the measuring sections return them (their own tests run those): the
+    tables, targets and JSON line are built from them here, without minutes of tiny models."""
     at = {"target_tokens": 1024, "memory_tokens": 1100}
     read = {
         "query_tokens": 42,
         "stateless_ttft_s": 0.02,
         "cached_ttft_s": 0.004,
+        "first_read_ttft_s": 0.03,
         "speedup": 5.0,
         "exact": True,
     }
@@ -123,30 +124,37 @@ def _measured(monkeypatch: pytest.MonkeyPatch) -> None:
         "context": dict.fromkeys(bench.ARCHS, 2048),
     }
     rss = {a: {"tokens": [1024, 4096], "peak_rss_bytes": [2**28, 2**28], "ratio": 1.0} for a in bench.LINEAR}
-    monkeypatch.setattr(bench, "_reads", lambda lengths, say: (reads, appends, sizes))
-    monkeypatch.setattr(bench, "_budget", lambda: budget)
-    monkeypatch.setattr(bench, "_rss", lambda lengths: rss)
-    monkeypatch.setattr(bench, "_kernels", lambda quick: {"error": "not measured here"})
+    check = bench.load_check(1)
+    return {
+        "bench": "linmem",
+        "quick": True,
+        "machine": {"cpu": "x", "cores": check["cores"], "torch": "t", "threads": 1, "python": "3"},
+        "load": {"before": check, "after": check, "busy": True, "warning": "before: a test"},
+        "reads": reads,
+        "appends": appends,
+        "bytes": sizes,
+        "full_size": bench.full_size_table(),
+        "budget": budget,
+        "rss": rss,
+        "kernels": {"error": "not measured here"},
+    }
 
 
 @pytest.mark.parametrize("asked", [False, True])
-def test_targets_are_shown_only_when_asked(
-    asked: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path
-) -> None:
-    from linmem import cli
+def test_targets_are_shown_only_when_asked(asked: bool, capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    from linmem.cli import build_parser
 
-    _measured(monkeypatch)
-    flags = ["--targets"] if asked else []
-    assert cli.main(["bench", "--quick", "--out", str(tmp_path), *flags]) == 0
+    assert build_parser().parse_args(["bench", "--quick", *(["--targets"] if asked else [])]).targets == asked
+    result = bench.present(_result(), out=tmp_path, with_targets=asked)
     printed = capsys.readouterr().out
     assert ("targets (the project's own)" in printed) == asked
-    result = json.loads(printed.strip().splitlines()[-1])  # the JSON line comes last
-    assert ("targets" in result) == asked
-    assert set(result["load"]) == {"before", "after", "busy", "warning"}
-    assert result["load"]["before"]["cores"] >= 1 and result["machine"]["threads"] >= 1
-    assert ("WARNING: figures measured on a busy machine" in printed) == result["load"]["busy"]
-    assert cli.main(["bench", "--quick", "--json", "--out", str(tmp_path), *flags]) == 0
-    assert ("targets" in json.loads(capsys.readouterr().out)) == asked
+    line = json.loads(printed.strip().splitlines()[-1])  # the JSON line comes last
+    assert ("targets" in line) == asked == ("targets" in result)
+    assert set(line["load"]) == {"before", "after", "busy", "warning"}
+    assert "WARNING: figures measured on a busy machine" in printed
+    assert len(line["plots"]) == 2
+    bench.present(_result(), with_targets=asked, echo=False)
+    assert capsys.readouterr().out == ""
 
 
 def test_embedding_bench_is_exact_and_measures_each_part() -> None:

@@ -97,10 +97,19 @@ def run_bench(
         result["budget"] = _budget()
         result["rss"] = _rss((1024, 4096) if quick else (4096, 65536))
         result["kernels"] = _kernels(quick)
+    _finish_load(result, threads, say)
+    return present(result, out=out, with_targets=with_targets, echo=echo)
+
+
+def present(
+    result: dict[str, Any], *, out: Path | None = None, with_targets: bool = False, echo: bool = True
+) -> dict[str, Any]:
+    """What a run measured, for people: the tables (the project's targets only `with_targets`),
+    the plots in `out`, then the JSON line. Returns `result` with the targets and plots added."""
+    say: Callable[[str], None] = print if echo else (lambda _m: None)
+    if "reads" in result:
         if with_targets:
             result["targets"] = targets(result)
-    _finish_load(result, threads, say)
-    if not endpoint:
         _print_tables(result, say)
         if out is not None:
             result["plots"] = [str(p) for p in _plots(result, out)]
