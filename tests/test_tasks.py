@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import sys
-import types
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import pytest
 from linmem.errors import BadInput
 from linmem.evals.m3graph import Dropped, Graph, character_mappings, graph_clip_lines, load_graph, translate
 from linmem.evals.metrics import keywords_of
+from linmem.evals.standin import pickled_as_videograph
 from linmem.evals.tasks import TASKS, Task, load_task
 from linmem.evals.tasks.m3bench import M3BenchTask, normalize_type
 from linmem.evals.tasks.synthetic import ClipRetrievalTask, NIAHTask, SummarizationTask
@@ -378,33 +378,12 @@ def test_m3bench_caption_errors(m3_files: dict[str, Path], tmp_path: Path) -> No
 
 @contextmanager
 def fake_videograph(module_name: str) -> Iterator[type]:
-    """Stand-in VideoGraph classes importable as `module_name` only while pickling."""
-
-    class VideoGraph:
-        class Node:
-            def __init__(self, node_id: int, node_type: str) -> None:
-                self.id = node_id
-                self.type = node_type
-                self.embeddings: list[Any] = []
-                self.metadata: dict[str, Any] = {}
-
-    VideoGraph.__module__ = VideoGraph.Node.__module__ = module_name
-    VideoGraph.__qualname__, VideoGraph.Node.__qualname__ = "VideoGraph", "VideoGraph.Node"
-    module = types.ModuleType(module_name)
-    module.VideoGraph = VideoGraph  # type: ignore[attr-defined]
-    added = {module_name: module}
-    if "." in module_name:
-        package, _, child = module_name.partition(".")
-        parent = types.ModuleType(package)
-        setattr(parent, child, module)
-        added[parent.__name__] = parent
-    assert not set(added) & set(sys.modules)
-    sys.modules.update(added)
-    try:
+    """Stand-in VideoGraph classes importable as `module_name` only while pickling (no real module
+    of that name may be there: the test would pickle against it)."""
+    assert module_name.partition(".")[0] not in sys.modules and module_name not in sys.modules
+    with pickled_as_videograph(module_name) as VideoGraph:
         yield VideoGraph
-    finally:
-        for name in added:
-            del sys.modules[name]
+    assert module_name not in sys.modules
 
 
 def build_graph(VideoGraph: type, *, by_clip: bool = True, embeddings: Any = None) -> Any:

@@ -176,7 +176,7 @@ def graphs(folder: Path, videos: int = 2, clips: int = 6) -> Path:
     the videos `m3bench` generates: per clip one episodic line, and a face and a voice that an
     equivalence line makes one character."""
     folder.mkdir(parents=True, exist_ok=True)
-    with _pickled_as_videograph() as VideoGraph:
+    with pickled_as_videograph() as VideoGraph:
         for v in range(videos):
             graph = _graph(VideoGraph, v, clips)
             (folder / f"{_video(v)}.pkl").write_bytes(pickle.dumps(graph, protocol=4))
@@ -212,10 +212,11 @@ GRAPH_MODULE = "mmagent.videograph"
 
 
 @contextmanager
-def _pickled_as_videograph() -> Iterator[Any]:
-    """Classes that pickle as M3-Agent's ``mmagent.videograph.VideoGraph`` (and its ``Node``):
-    pickle names a class by module and name and checks that the module has it, so the module is
-    importable while the block runs, and only then. Nothing is ever unpickled with these."""
+def pickled_as_videograph(module_name: str = GRAPH_MODULE) -> Iterator[Any]:
+    """Classes that pickle as M3-Agent's ``VideoGraph`` (and its ``Node``) of `module_name`
+    (``mmagent.videograph``): pickle names a class by module and name and checks that the module
+    has it, so the module is importable while the block runs, and only then. Nothing is ever
+    unpickled with these."""
 
     class VideoGraph:
         class Node:
@@ -225,14 +226,17 @@ def _pickled_as_videograph() -> Iterator[Any]:
                 self.embeddings: list[Any] = []
                 self.metadata: dict[str, Any] = {}
 
-    VideoGraph.__module__ = VideoGraph.Node.__module__ = GRAPH_MODULE
+    VideoGraph.__module__ = VideoGraph.Node.__module__ = module_name
     VideoGraph.__qualname__, VideoGraph.Node.__qualname__ = "VideoGraph", "VideoGraph.Node"
-    package, _, child = GRAPH_MODULE.partition(".")
-    module, parent = types.ModuleType(GRAPH_MODULE), types.ModuleType(package)
+    module = types.ModuleType(module_name)
     module.VideoGraph = VideoGraph  # type: ignore[attr-defined]
-    setattr(parent, child, module)
+    made = [module]
+    if "." in module_name:
+        package, _, child = module_name.partition(".")
+        made.append(types.ModuleType(package))
+        setattr(made[-1], child, module)
     with _PICKLING:
-        added = {m.__name__: m for m in (module, parent) if m.__name__ not in sys.modules}
+        added = {m.__name__: m for m in made if m.__name__ not in sys.modules}
         sys.modules.update(added)
         try:
             yield VideoGraph
