@@ -434,7 +434,7 @@ def _reader_options(a: argparse.ArgumentParser, default: str = "lm", *, top_k: b
 def _reader(args: argparse.Namespace) -> tuple[Memory, Any]:
     memory = _open(args.name, args.home)
     if memory.state().count == 0:  # said now, not after a model has taken a minute to load
-        raise EmptyMemory(f"memory {memory.name!r} is empty: write items first (linmem write)")
+        raise EmptyMemory.named(memory.name)
     top_k = getattr(args, "top_k", None)
     if args.backend == "embedding":
         options = {"embedder": args.embedder, "top_k": top_k, "threshold": args.threshold}

@@ -44,6 +44,11 @@ class NotAllowed(LinmemError):
 class EmptyMemory(LinmemError):
     code = "empty_memory"
 
+    @classmethod
+    def named(cls, name: str) -> EmptyMemory:
+        """The error for reading memory `name`, which has no items."""
+        return cls(f"memory {name!r} is empty: write items first (linmem write)")
+
 
 class UnknownSpec(LinmemError):
     code = "unknown_spec"

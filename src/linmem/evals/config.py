@@ -40,7 +40,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..agent import POLICIES
 from ..errors import BadInput
+from ..readers.hybrid import RERANKERS
+from ..readers.lm import OVERFLOW_MODES
 
 TABLES = (
     "main_qa",
@@ -488,18 +491,18 @@ _RULES: dict[str, dict[str, Rule]] = {
         "threshold": _NUMBER,
         "max_new_tokens": _POSITIVE,
         "context_length": _POSITIVE,
-        "overflow": _one_of("error", "window"),
+        "overflow": _one_of(*OVERFLOW_MODES),
         "stateless": _BOOL,
         "memory_budget_mb": ("a positive number", lambda v: _is_number(v) and v > 0),
         "lexical_weight": _NUMBER,
         "second_line": _NUMBER,
-        "rerank": _one_of("lm"),
+        "rerank": _one_of(*RERANKERS),
         "rerank_depth": _POSITIVE,
         "limit": _POSITIVE,
     },
     "agent": {
         "controller": _STRING,
-        "policy": _one_of("m3", "single-shot"),
+        "policy": _one_of(*POLICIES),
         "rounds": _POSITIVE,
         "max_new_tokens": _POSITIVE,
         "temperature": ("a number, 0 or more", lambda v: _is_number(v) and v >= 0),

@@ -278,9 +278,7 @@ def _costs(config: Config, records: list[dict[str, Any]], out: Path | None) -> d
     among the system's questions."""
     from .run import load_prefills
 
-    builds = {
-        (p["task"], p["source"], p["model"]): p for p in (load_prefills(out) if out is not None else [])
-    }
+    builds = _builds(load_prefills(out) if out is not None else [])
     keeps = {s.name for s in config.systems if not s.options.get("stateless")}
     costs = {}
     for s in _systems(config):
@@ -308,6 +306,11 @@ def _costs(config: Config, records: list[dict[str, Any]], out: Path | None) -> d
             "rounds": sum(r.get("rounds") or 0 for r in sel) / n,
         }
     return costs
+
+
+def _builds(prefills: list[dict[str, Any]]) -> dict[tuple[Any, Any, Any], dict[str, Any]]:
+    """The recorded builds by what they built: (task, source, model or embedder id)."""
+    return {(p["task"], p["source"], p["model"]): p for p in prefills}
 
 
 def _built_by(model: Any) -> set[str]:
@@ -521,7 +524,7 @@ def latency_points(
     filling) and of its later reads. A record without the memory's size (an agent whose
     controller never searched) takes it from the memory's build in `prefills`; a record with
     neither is left out."""
-    built = {(p["task"], p["source"], p["model"]): p["tokens"] for p in prefills}
+    built = _builds(prefills)
     points: dict[str, tuple[Points, Points]] = {}
     seen: set[tuple[Any, ...]] = set()
     for r in records:
@@ -562,13 +565,13 @@ def _latency_vs_memory(config: Config, records: list[dict[str, Any]], out: Path,
     return _save(fig, out / "latency_vs_memory.png", plt)
 
 
-def _memory_tokens(r: dict[str, Any], built: dict[tuple[Any, Any, Any], int]) -> int | None:
+def _memory_tokens(r: dict[str, Any], built: dict[tuple[Any, Any, Any], dict[str, Any]]) -> int | None:
     size = (r.get("tokens") or {}).get("memory")
     if size:
         return int(size)
     for model in _built_by(r.get("model")):
         if (r["task"], r.get("source"), model) in built:
-            return built[(r["task"], r.get("source"), model)]
+            return int(built[(r["task"], r.get("source"), model)]["tokens"])
     return None
 
 

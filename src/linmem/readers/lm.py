@@ -167,7 +167,7 @@ class LMReader:
         if not asks:
             return []
         if self.memory.log.state().count == 0:
-            raise EmptyMemory(f"memory {self.memory.name!r} is empty: write items first (linmem write)")
+            raise EmptyMemory.named(self.memory.name)
         if not self.stateless and isinstance(self.engine, BatchedEngine) and self.engine.can_batch():
             try:
                 batched = self._many_from_snapshot(asks, max_new)
@@ -231,7 +231,7 @@ class LMReader:
 
     def _complete(self, ask: _Ask, max_new: int) -> tuple[Generation, list[str]]:
         if self.memory.log.state().count == 0:
-            raise EmptyMemory(f"memory {self.memory.name!r} is empty: write items first (linmem write)")
+            raise EmptyMemory.named(self.memory.name)
         try:
             if not self.stateless:
                 # The snapshot holds the memory; only the query part of the prompt is needed.

@@ -421,6 +421,15 @@ _PATH_CHARS = r"[^\s'\"`,;:()<>\[\]]"
 _ABSOLUTE_PATH = re.compile(rf"(?<![\w/.~<>-])/(?!/){_PATH_CHARS}+(?<!\.)")
 
 
+def client_message(error: Exception, home: Path, where: str) -> str:
+    """`error`'s message for a client (`redact`ed); when that hides something, the full message
+    goes to the server's log, under `where` (the route or tool)."""
+    message = redact(str(error), home)
+    if message != str(error):
+        logging.getLogger(__name__).warning("%s: %s: %s", where, getattr(error, "code", "error"), error)
+    return message
+
+
 def redact(message: str, home: Path) -> str:
     """`message` as a client may see it: the server's home folder shown as `<home>` (a memory's
     files are still named within it) and any other absolute path as `<path>`. Where the server

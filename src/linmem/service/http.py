@@ -10,7 +10,6 @@ and batches questions that arrive together.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -43,13 +42,12 @@ from .core import (
     bearer_ok,
     check_exposure,
     check_items,
+    client_message,
     is_loopback,
     load_token,
     redact,
     run_server,
 )
-
-log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8 * 2**20
 
@@ -350,10 +348,7 @@ def error_response(code: str, message: str, headers: Mapping[str, str] | None = 
 def _add_error_handlers(app: FastAPI, home: Path) -> None:
     async def linmem_error(request: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, LinmemError)
-        message = redact(str(e), home)
-        if message != str(e):  # the server's log keeps what the client's copy leaves out
-            log.warning("%s %s: %s: %s", request.method, request.url.path, e.code, e)
-        return error_response(e.code, message)
+        return error_response(e.code, client_message(e, home, f"{request.method} {request.url.path}"))
 
     async def http_error(_: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, HTTPException)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -55,8 +54,8 @@ from .core import (
     bearer_ok,
     check_exposure,
     check_items,
+    client_message,
     load_token,
-    redact,
     run_server,
 )
 
@@ -219,7 +218,6 @@ LIST_DOC = "List the memories on this server, each with its number of items."
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-log = logging.getLogger(__name__)
 
 
 def _tool_errors(fn: _F, home: Path) -> _F:
@@ -232,10 +230,7 @@ def _tool_errors(fn: _F, home: Path) -> _F:
         try:
             return fn(*args, **kwargs)
         except LinmemError as e:
-            message = redact(str(e), home)
-            if message != str(e):
-                log.warning("%s: %s: %s", fn.__name__, e.code, e)
-            raise ToolError(f"{e.code}: {message}") from e
+            raise ToolError(f"{e.code}: {client_message(e, home, fn.__name__)}") from e
 
     return call  # type: ignore[return-value]
 
