@@ -154,6 +154,10 @@ def _row(report: str, system: str, section: str) -> list[str]:
     [
         (
             lambda t: t.replace('"embedding → answer"]]', '"nobody"]]'),
+            r"compare names 'nobody', which is not a system of this config",
+        ),
+        (
+            lambda t: t.replace('"embedding → answer"]]', '"embedding → answer", "reader, direct"]]'),
             r"compare must be a list of \[system, system\]",
         ),
         (
@@ -184,6 +188,15 @@ def test_unset_lifts_a_subset(tmp_path: Path, data: Path, capsys: pytest.Capture
     path = _write(tmp_path, CONFIG.format(path=data))
     config = load_config(path, unset=["tasks.0.conversations", "tasks.0.per_category"])
     assert "conversations" not in config.tasks[0].options and "--unset tasks.0.per_category" in config.changes
+    # List entries go too, each index as the config is written, whatever order they are given.
+    names = [s.name for s in load_config(path).systems]
+    kept = load_config(path, unset=["systems.1", "systems.3"])
+    assert [s.name for s in kept.systems] == [names[0], names[2]] and kept.compare
+    assert [s.name for s in load_config(path, unset=["compare.0", "systems.2"]).systems] == names[:2] + names[
+        3:
+    ]
+    with pytest.raises(BadInput, match=r"--unset systems.9: the config has no such key"):
+        load_config(path, unset=["systems.9"])
     with pytest.raises(BadInput, match=r"--unset tasks.0.colour: the config has no such key"):
         load_config(path, unset=["tasks.0.colour"])
     code = main(["eval", str(path), "--unset", "tasks.0.nope", "--out", str(tmp_path / "o")])

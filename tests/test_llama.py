@@ -169,6 +169,32 @@ def test_decoding_continues_a_state_exactly(smol: str) -> None:
     assert engine.greedy(fork, engine.advance(fork, ids[5:]), 9) == want
 
 
+@pytest.mark.parametrize("which", ["smol", "hybrid"])
+def test_forks_of_a_state_that_moved_on_hold_where_it_was_then(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    """Fork, advance, fork again: each fork holds the tokens read when it was taken (the second
+    once got the first one's bytes with the second one's length)."""
+    import numpy as np
+
+    engine = load_engine(request.getfixturevalue(which))
+    rng = random.Random()
+    ids = engine.encode(" ".join(rng.choice(THINGS + ROOMS) for _ in range(60)))
+    a, b = sorted(rng.sample(range(9, len(ids) - 9), 2))
+    if b - a < 8:
+        b = a + 8
+    state = engine.new_cache()
+    engine.advance(state, ids[:a])
+    first = engine.fork(state)
+    engine.advance(state, ids[a:b])
+    second = engine.fork(state)
+    engine.advance(state, ids[b:])
+    for fork, at in ((first, a), (second, b)):
+        fresh = engine.new_cache()
+        want = engine.advance(fresh, ids).row
+        assert np.array_equal(engine.advance(fork, ids[at:]).row, want), (which, a, b)
+
+
 def test_hybrid_is_reported_as_such(hybrid: str) -> None:
     engine = load_engine(hybrid)
     assert engine.hybrid and engine.attention == "linear hybrid"
@@ -285,6 +311,24 @@ def test_a_chat_session_replies_as_the_stateless_chat(which: str, request: pytes
             {"role": "user", "content": f"And the {rng.choice(THINGS)} in the {rng.choice(ROOMS)}?"},
         ]
     assert kept.cached > 0
+
+
+def test_a_real_judge_keeps_its_instructions_and_judges_as_a_fresh_call(smol: str) -> None:
+    from linmem.evals.judge import Judge
+    from linmem.prompts import judge_messages
+
+    judge = Judge(smol, max_new_tokens=5)
+    rng = random.Random()
+    for _ in range(4):
+        question = f"Where is the {rng.choice(THINGS)}{' ' * rng.randrange(3)}?"
+        gold, answer = f"In the {rng.choice(ROOMS)}.", f"It is in the {rng.choice(ROOMS)}."
+        verdict = judge.evaluate(question, gold, answer)
+        fresh = judge.engine.chat(judge_messages(question, gold, answer), max_new_tokens=5)
+        assert verdict.raw == fresh.text, (question, gold, answer)
+    session = judge._chat.__self__
+    assert any(len(ids) > 200 for ids, _ in session.heads.states)  # M3-Bench's instructions are kept
+    # The same answer again is not asked again.
+    assert judge.evaluate(question, gold, answer) is judge.evaluate(question, gold, answer)
 
 
 def test_a_real_controller_gives_the_same_trace_with_and_without_its_kept_state(

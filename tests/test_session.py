@@ -74,6 +74,44 @@ def test_a_session_survives_a_template_that_rewrites_the_prompts_end() -> None:
     assert all(cached > 0 for _, _, cached in reused[1:])
 
 
+@pytest.mark.parametrize("model", ["tiny:qwen3", "tiny:qwen3.5", "tiny:kimi-linear"])
+def test_unrelated_chats_start_from_the_head_they_share(model: str) -> None:
+    """Judge-like prompts: one long instruction, then a different question each time. From the
+    third on, each runs from the shared head, and every reply equals the stateless chat's."""
+    engine = load_engine(model)
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    instructions = _text(rng, rng.randrange(40, 70))
+    session = engine.chat_session(grows=False)
+    gens = []
+    for _ in range(4):
+        asked = _text(rng, rng.randrange(3, 17))
+        messages = [{"role": "system", "content": instructions}, {"role": "user", "content": asked}]
+        n = rng.choice([4, 7, 11])
+        kept, fresh = session.chat(messages, max_new_tokens=n), engine.chat(messages, max_new_tokens=n)
+        assert (kept.text, kept.generated) == (fresh.text, fresh.generated), f"seed {seed}"
+        assert kept.processed + kept.cached == fresh.processed
+        gens.append(kept)
+    head = len(engine.chat_ids([{"role": "system", "content": instructions}]))
+    assert gens[0].cached == gens[1].cached == 0
+    assert all(g.cached >= head - 8 for g in gens[2:]), (head, [g.cached for g in gens])
+
+
+def test_an_agents_questions_share_the_controllers_system_head(memory: Memory) -> None:
+    """Each question opens a session, and the engine's sessions share heads: a later question's
+    first round starts from M3-Agent's system message, with the same trace."""
+    reader = memory.reader("embedding", embedder="hash", top_k=2, threshold=-1.0)
+    # Heads shared a word into the question ("Whe", "Wh") give way to the one they share.
+    questions = ["Where did Lily put the mug?", "When did Tom go?", "What did Lily see?", "Who took it?"]
+    reused = Agent(reader, controller="tiny:qwen3", policy="single-shot", max_new_tokens=7)
+    fresh = Agent(reader, controller="tiny:qwen3", policy="single-shot", max_new_tokens=7, reuse_state=False)
+    for q in questions:
+        a, b = reused.run(q), fresh.run(q)
+        assert a.answer == b.answer and [t.content for t in a.turns] == [t.content for t in b.turns]
+        last = a
+    assert last.controller_tokens.cached > 30
+
+
 def test_sampled_session_replies_equal_sampled_stateless_ones() -> None:
     engine = load_engine("tiny:qwen3.5")
     messages = [{"role": "user", "content": "Say something about the kitchen."}]

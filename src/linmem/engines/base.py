@@ -321,12 +321,16 @@ class LocalEngine:
         self.check_fits(len(ids), max_new_tokens, what="the chat")
         return self._complete(ids, max_new_tokens, temperature=temperature, seed=seed, until=until)
 
-    def chat_session(self) -> Any:
+    def chat_session(self, *, grows: bool = True) -> Any:
         """A `ChatSession`: chats whose dialogue only grows, each run from the state the last one
-        left (see `linmem.engines.session`)."""
-        from .session import ChatSession
+        left, and from the heads this engine's chats share (see `linmem.engines.session`);
+        `grows=False` for unrelated chats that share only a head (a judge's)."""
+        from .session import ChatSession, Heads
 
-        return ChatSession(self)
+        heads = getattr(self, "_chat_heads", None)
+        if heads is None:
+            heads = self._chat_heads = Heads()
+        return ChatSession(self, grows=grows, heads=heads)
 
     def reply(
         self,

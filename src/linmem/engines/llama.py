@@ -416,6 +416,9 @@ class LlamaEngine(LocalEngine):
         use. Caller holds the lock."""
         owner = self._owner() if self._owner is not None else None
         if owner is state:
+            # A fork since the last advance saved bytes the context is about to move on from: a
+            # later fork must save again, not hand out these.
+            state.blob = None
             return
         if owner is not None and owner.blob is None:
             owner.blob = self._save()

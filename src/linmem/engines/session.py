@@ -12,10 +12,18 @@ the stable part of a prompt is its common token prefix with the same dialogue pl
 exchange. A kept state is used only for a prompt whose ids start with exactly the ids it read,
 so a session's prompt is the stateless prompt, token for token, and gives the same reply; only
 the work differs (the tests compare whole agent traces).
+
+Chats that do not grow one from another still share a head: every question's dialogue opens with
+M3-Agent's system message, every judge call with M3-Bench's instructions. A session also keeps
+the state at the longest common prefix of a prompt with the one before it (when that is at least
+`SHARED_MIN` tokens), so the next question's first round, or the next verdict, starts there.
+These heads are the engine's (`Heads`), shared by its sessions: an agent opens one session per
+question.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,14 +34,55 @@ from .base import Generation
 # Stand-ins for a reply and the next user turn: only where the template starts to differ counts.
 _PROBE = [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]
 
+# The shortest head shared with the previous prompt worth a kept state: a state is a copy of the
+# model's cache, and the chat template's own opening is a few tokens.
+SHARED_MIN = 32
+
+
+class Heads:
+    """Kept states at prompt heads shared between chats, and the last prompt's ids to find the
+    next one: an engine's, for all its sessions. At most `keep` states, the least recently used
+    dropped first (a judge's shared instructions outlive the per-question heads between them)."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = max(1, keep)
+        self.states: list[tuple[list[int], Any]] = []
+        self.last: list[int] = []
+        self.lock = threading.Lock()
+
+    def shared(self, ids: list[int]) -> int:
+        """The longest common prefix of `ids` with the previous prompt (which `ids` now becomes)
+        or with a kept head. A head that went a token into its question ("...Question: What")
+        does not begin the next question ("How"): their common part is the head worth keeping."""
+        with self.lock:
+            n = max(_common(ids, k) for k in (self.last, *(k for k, _ in self.states)))
+            self.last = ids
+            return n
+
+    def hold(self, ids: list[int], state: Any) -> None:
+        with self.lock:
+            self.states.append((ids, state))
+            del self.states[: -self.keep]
+
+    def used(self, state: Any) -> None:
+        with self.lock:
+            for i, (_, s) in enumerate(self.states):
+                if s is state:
+                    self.states.append(self.states.pop(i))
+                    return
+
 
 class ChatSession:
-    """Chats of one growing dialogue on a local engine (see the module docstring); `keep` bounds
-    the states held (each is a copy of the model's cache at that point)."""
+    """Chats on a local engine that reuse kept states (see the module docstring): the growing
+    dialogue's, at most `keep` (each is a copy of the model's cache at that point), and the heads
+    in `heads` (the session's own when None). `grows=False` (a judge's unrelated prompts) keeps
+    heads only."""
 
-    def __init__(self, engine: Any, *, keep: int = 2) -> None:
+    def __init__(self, engine: Any, *, keep: int = 2, grows: bool = True, heads: Heads | None = None) -> None:
         self.engine = engine
         self.keep = max(1, keep)
+        self.grows = grows
+        self.heads = heads if heads is not None else Heads()
         self._states: list[tuple[list[int], Any]] = []
 
     def chat(
@@ -53,18 +102,27 @@ class ChatSession:
         ids = engine.chat_ids(messages)
         engine.check_fits(len(ids), max_new_tokens, what="the chat")
         # The part run after the kept state is at least the engine's smallest exact call (llama.cpp's
-        # results change below 8 tokens a call; see `linmem.engines.llama.MIN_WINDOW`).
+        # results change below 8 tokens a call; see `linmem.engines.llama.MIN_WINDOW`), and so is
+        # every piece between the points a state is kept at.
         tail = max(1, getattr(engine, "min_window", 1))
-        stable = max(0, min(_common(ids, engine.chat_ids([*messages, *_PROBE])), len(ids) - tail))
+        end = len(ids) - tail
         t0 = time.perf_counter()
         start, base = self._longest(ids)
         state = engine.fork(base) if base is not None else engine.new_cache()
-        if start < stable:
-            engine.advance(state, ids[start:stable])
-            self._hold(ids[:stable], engine.fork(state))
-            run_from = stable
-        else:
-            run_from = start
+        shared = self.heads.shared(ids)
+        points: list[tuple[int, Callable[[list[int], Any], None]]] = []
+        if shared >= SHARED_MIN:
+            points.append((min(shared, end), self.heads.hold))
+        if self.grows:
+            stable = min(_common(ids, engine.chat_ids([*messages, *_PROBE])), end)
+            points.append((stable, self._hold))
+        run_from = start
+        for point, hold in sorted(points, key=lambda p: p[0]):
+            if point - run_from < tail:
+                continue
+            engine.advance(state, ids[run_from:point])
+            hold(ids[:point], engine.fork(state))
+            run_from = point
         logits = engine.advance(state, ids[run_from:])
         t1 = time.perf_counter()
         out = engine.reply(state, logits, max_new_tokens, temperature=temperature, seed=seed, until=until)
@@ -84,10 +142,13 @@ class ChatSession:
         engine's smallest exact call to run (the logits come from it); (0, None) when none does."""
         best: tuple[int, Any] = (0, None)
         tail = max(1, getattr(self.engine, "min_window", 1))
-        for kept, state in self._states:
+        with self.heads.lock:
+            heads = list(self.heads.states)
+        for kept, state in (*self._states, *heads):
             n = len(kept)
             if best[0] < n <= len(ids) - tail and ids[:n] == kept:
                 best = (n, state)
+        self.heads.used(best[1])
         return best
 
     def _hold(self, ids: list[int], state: Any) -> None:
@@ -104,4 +165,4 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-__all__ = ["ChatSession"]
+__all__ = ["ChatSession", "Heads"]

@@ -126,7 +126,9 @@ def load_config(
     offline: bool = False,
 ) -> Config:
     """Read and check a config; `overrides` are ``dotted.key=TOML value`` strings applied first,
-    and `unset` names dotted keys to remove (a subset's filter, to run the whole set).
+    and `unset` names dotted keys to remove (a subset's filter, to run the whole set) or list
+    entries (``systems.4``: a system left out; the highest index of a list goes first, so each
+    index names the entry of the config as written).
 
     `offline` (for ``--offline``): a ``${VAR}`` the environment lacks stays as written instead of
     failing; it names no file, so `offline` puts stand-in data in its place."""
@@ -142,7 +144,7 @@ def load_config(
         raise BadInput(f"{path}: not UTF-8") from None
     for item in overrides or []:
         _override(raw, item)
-    for key in unset or []:
+    for key in sorted(unset or [], key=_later_entries_first):
         _remove(raw, key)
     raw = _expand(raw, path.parent, strict_env=not offline)
     changes = [f"--set {o}" for o in overrides or []] + [f"--unset {k}" for k in unset or []]
@@ -315,9 +317,14 @@ def _remove(raw: dict[str, Any], key: str) -> None:
     try:
         for part in parts[:-1]:
             node = node[int(part)] if isinstance(node, list) else node[part]
-        del node[parts[-1]]
+        del node[int(parts[-1]) if isinstance(node, list) else parts[-1]]
     except (KeyError, IndexError, ValueError, TypeError):
         raise BadInput(f"--unset {key}: the config has no such key") from None
+
+
+def _later_entries_first(key: str) -> list[tuple[int, str]]:
+    """Sort key for --unset: of two entries of one list, the higher index first."""
+    return [(-int(p), "") if p.isdigit() else (0, p) for p in key.split(".")]
 
 
 def _expand(value: Any, base: Path, key: str = "", *, strict_env: bool = True) -> Any:
@@ -392,6 +399,13 @@ def _check(raw: dict[str, Any], path: Path, text: str) -> Config:
     if len(set(names)) != len(systems):
         raise BadInput(f"{where}: system names must be distinct")
     compare = raw.get("compare", [])
+    pairs = [pair for pair in compare if isinstance(pair, list)] if isinstance(compare, list) else []
+    unknown = [n for pair in pairs for n in pair if isinstance(n, str) and n not in names]
+    if unknown:
+        raise BadInput(
+            f"{where}: compare names {unknown[0]!r}, which is not a system of this config "
+            f"({', '.join(names)}); a system left out with --unset needs its compare entries left out too"
+        )
     if not isinstance(compare, list) or any(
         not isinstance(pair, list) or len(pair) != 2 or any(n not in names for n in pair) for pair in compare
     ):

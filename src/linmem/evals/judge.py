@@ -9,6 +9,10 @@ verdict, because accuracies are only comparable under the same judge.
 
 One difference: control.py scores a judge that keeps failing as "incorrect"; here the error is
 raised after `attempts` tries, so that an outage never passes for a wrong answer.
+
+A local judge runs its prompts in a `ChatSession` that keeps the instructions every verdict
+shares, and a verdict asked again (two systems giving the same answer) is not asked twice: the
+judge is greedy, so both give the verdict a fresh call would.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class Judge:
     ) -> None:
         self.engine = load_engine(model)
         self.model = str(self.engine.id)
+        chat_session = getattr(self.engine, "chat_session", None)
+        self._chat = chat_session(grows=False).chat if chat_session is not None else self.engine.chat
+        self._verdicts: dict[tuple[str, str, str], Verdict] = {}
         self.max_new_tokens = max_new_tokens
         self.attempts = max(1, attempts)
         self.backoff_s = backoff_s
@@ -56,10 +63,15 @@ class Judge:
         """
         if prediction is None or not prediction.strip():
             return Verdict(False, "", self.model)
-        messages = prompts.judge_messages(question, gold, prediction)
+        key = (question, gold, prediction)
+        if key not in self._verdicts:
+            self._verdicts[key] = self._ask(prompts.judge_messages(question, gold, prediction))
+        return self._verdicts[key]
+
+    def _ask(self, messages: list[dict[str, str]]) -> Verdict:
         for attempt in range(self.attempts):
             try:
-                gen = self.engine.chat(messages, max_new_tokens=self.max_new_tokens, temperature=0.0)
+                gen = self._chat(messages, max_new_tokens=self.max_new_tokens, temperature=0.0)
                 break
             except EngineError as e:
                 if attempt == self.attempts - 1:
