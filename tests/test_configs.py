@@ -65,6 +65,10 @@ def test_config_runs_offline(config: Path, data: Path, tmp_path: Path, monkeypat
         assert name in report
         assert "→" not in name or name.endswith("(offline)")
     assert (out / "latency_vs_memory.png").is_file()
+    # Stand-in readers answer in a few tokens of noise, never a real model's budget (a ranking
+    # read writes clip numbers, under its own bound).
+    answers = [r for r in records if r.get("tokens") and "rounds" not in r and r["kind"] != "retrieval"]
+    assert all(r["tokens"]["generated"] <= 32 for r in answers)
 
 
 def test_offline_needs_no_data_at_all(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -158,6 +158,8 @@ OFFLINE_EMBEDDER = "hash"
 # stand-ins read bytes as tokens (about 4 per real token), and a smoke run must take minutes, not
 # hours. Which system runs out of context at which budget stays as in the full run.
 OFFLINE_SCALE = 16
+# The most tokens an offline stand-in reader writes per answer.
+OFFLINE_MAX_NEW = 32
 
 
 def offline(config: Config, data: Path | None = None) -> Config:
@@ -221,7 +223,9 @@ def _offline_system(s: SystemConfig, scaled: bool) -> SystemConfig:
         options["context_length"] = max(1, int(options["context_length"]) // OFFLINE_SCALE)
     if s.backend == "lm":
         options["model"] = _swap(options.get("model"), OFFLINE_LM)
-        options.setdefault("max_new_tokens", 32)
+        # A random-weights reader never stops early: each token it writes attends the whole
+        # memory, and its words are noise, so a smoke run writes a few.
+        options["max_new_tokens"] = min(int(options.get("max_new_tokens", OFFLINE_MAX_NEW)), OFFLINE_MAX_NEW)
     else:
         embedder = options.get("embedder")
         if isinstance(embedder, str) and embedder.startswith("openai:"):
