@@ -64,12 +64,16 @@ class Heads:
             self.states.append((ids, state))
             del self.states[: -self.keep]
 
-    def used(self, state: Any) -> None:
+    def longest(self, ids: list[int], most: int) -> tuple[int, Any]:
+        """(length, state) of the longest kept head that begins `ids` and is at most `most` long,
+        now the most recently used; (0, None) when none is."""
         with self.lock:
-            for i, (_, s) in enumerate(self.states):
-                if s is state:
+            best = _longest(self.states, ids, most)
+            for i, (_, state) in enumerate(self.states):
+                if state is best[1]:
                     self.states.append(self.states.pop(i))
-                    return
+                    break
+            return best
 
 
 class ChatSession:
@@ -140,20 +144,24 @@ class ChatSession:
     def _longest(self, ids: list[int]) -> tuple[int, Any]:
         """(length, state) of the longest kept state whose ids begin `ids`, leaving at least the
         engine's smallest exact call to run (the logits come from it); (0, None) when none does."""
-        best: tuple[int, Any] = (0, None)
-        tail = max(1, getattr(self.engine, "min_window", 1))
-        with self.heads.lock:
-            heads = list(self.heads.states)
-        for kept, state in (*self._states, *heads):
-            n = len(kept)
-            if best[0] < n <= len(ids) - tail and ids[:n] == kept:
-                best = (n, state)
-        self.heads.used(best[1])
-        return best
+        most = len(ids) - max(1, getattr(self.engine, "min_window", 1))
+        own = _longest(self._states, ids, most)
+        head = self.heads.longest(ids, most)
+        return head if head[0] > own[0] else own
 
     def _hold(self, ids: list[int], state: Any) -> None:
         self._states.append((ids, state))
         del self._states[: -self.keep]
+
+
+def _longest(kept: list[tuple[list[int], Any]], ids: list[int], most: int) -> tuple[int, Any]:
+    """(length, state) of the longest of `kept` whose ids begin `ids`, at most `most` long."""
+    best: tuple[int, Any] = (0, None)
+    for prefix, state in kept:
+        n = len(prefix)
+        if best[0] < n <= most and ids[:n] == prefix:
+            best = (n, state)
+    return best
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:

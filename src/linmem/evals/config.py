@@ -404,15 +404,13 @@ def _check(raw: dict[str, Any], path: Path, text: str) -> Config:
         raise BadInput(f"{where}: system names must be distinct")
     compare = raw.get("compare", [])
     pairs = [pair for pair in compare if isinstance(pair, list)] if isinstance(compare, list) else []
-    unknown = [n for pair in pairs for n in pair if isinstance(n, str) and n not in names]
+    unknown = [n for pair in pairs for n in pair if n not in names]
     if unknown:
         raise BadInput(
             f"{where}: compare names {unknown[0]!r}, which is not a system of this config "
             f"({', '.join(names)}); a system left out with --unset needs its compare entries left out too"
         )
-    if not isinstance(compare, list) or any(
-        not isinstance(pair, list) or len(pair) != 2 or any(n not in names for n in pair) for pair in compare
-    ):
+    if not isinstance(compare, list) or any(not isinstance(pair, list) or len(pair) != 2 for pair in compare):
         raise BadInput(
             f"{where}: compare must be a list of [system, system] pairs naming systems of this "
             f"config ({', '.join(names)}), found {compare!r}"
